@@ -1,0 +1,2413 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["PyYAML>=6"]
+# ///
+# SPDX-License-Identifier: MIT
+"""PatchBay: let ChatGPT and any MCP client work on local git repositories.
+
+Run it:
+    python3 patchbay.py serve --root /path/to/repo      # HTTP on 127.0.0.1:8765
+    python3 patchbay.py stdio --root /path/to/repo      # MCP over stdin/stdout
+    pipx run patchbay.py serve --root .                 # same, via the PEP 723 block
+
+Endpoints (serve):
+    /mcp                 MCP Streamable HTTP (revisions 2025-03-26, 2025-06-18, 2025-11-25)
+    POST /actions/<tool> custom-GPT Actions; GET /openapi.json describes them
+    GET /health, GET /privacy
+
+Subcommands: serve, stdio (run `patchbay.py COMMAND --help` for flags).
+
+Security: every tool goes through one path guard (roots pinned as directory fds, no `..`,
+no symlink leaves a root, blocked secret files), every HTTP route but the public GETs
+needs the bearer token (or `?patchbay_token=`), Host and Origin are checked before
+anything else, and a server bound beyond loopback refuses to start without a token.
+Tokens never reach logs, child processes or tool results. The profile (`readonly`,
+`worker`, `power`, `full`) fixes the tool list at start; nothing widens it later.
+
+Contents (grep -n '^# §'):
+    §1 Errors · §2 Utilities · §3 Config and profiles · §4 Channel and auth ·
+    §5 Path guard · §6 Git · §7 Tools · §8 MCP · §9 OpenAPI and Actions ·
+    §10 HTTP server · §11 CLI
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import errno
+import fnmatch
+import hashlib
+import hmac
+import http.server
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import unicodedata
+import urllib.parse
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+__version__ = "0.1.0"
+
+if sys.version_info < (3, 10):  # written so that older interpreters can still parse it
+    sys.stderr.write("patchbay: error: Python 3.10 or newer is required\n")
+    sys.exit(2)
+
+# ---------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------
+
+NAME = "patchbay"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+ENV_HOME = "PATCHBAY_HOME"
+ENV_TOKEN = "PATCHBAY_HTTP_TOKEN"
+ENV_ROOT = "PATCHBAY_ROOT"
+ENV_PROFILE = "PATCHBAY_PROFILE"
+QUERY_TOKEN = "patchbay_token"
+
+MCP_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")  # newest first
+MCP_BATCH_VERSIONS = ("2025-03-26",)  # batching was removed in 2025-06-18
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR = (
+    -32700, -32600, -32601, -32602, -32603)
+
+DEFAULT_BLOCKED_GLOBS = (
+    ".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_ed25519*", ".netrc",
+    ".git-credentials", ".npmrc", ".pypirc", "*.kdbx", ".aws/credentials", ".ssh/*")
+
+DEFAULT_LIMITS: Dict[str, int] = {
+    "body_bytes": 4 * 1024 * 1024,      # HTTP request body cap (413 above it)
+    "read_bytes": 8 * 1024 * 1024,      # largest file read_file/fetch will open
+    "result_chars": 100_000,            # ChatGPT Actions refuse payloads of 100k chars
+    "text_chars": 80_000,               # main text field of one result, leaves room for JSON
+    "search_timeout_s": 10,
+    "max_connections": 32,
+    "request_timeout_s": 20,            # per socket read: slow clients are dropped
+    "max_sessions": 64,
+    "session_idle_s": 3600,
+    "command_timeout_s": 60,
+    "actions_timeout_s": 40,            # ChatGPT gives up on an Action after 45 s
+    "max_parallel_turns": 3,
+    "turn_timeout_s": 45 * 60,
+    "audit_bytes": 5 * 1024 * 1024,
+}
+
+log = logging.getLogger(NAME)
+
+
+# =======================================================================================
+# §1 Errors
+# =======================================================================================
+
+# One table maps each machine code to its HTTP status, so both front doors agree.
+ERROR_STATUS = {
+    "INVALID_ARG": 400, "BINARY_FILE": 415, "NOT_A_FILE": 400, "DENIED_PATH": 403,
+    "BLOCKED_FILE": 403, "POLICY_BLOCKED": 403, "NOT_FOUND": 404, "CONFLICT": 409,
+    "TOO_LARGE": 413, "BUSY": 429, "UNSUPPORTED_REPO": 422, "UNAVAILABLE": 503,
+    "TIMEOUT": 504, "INTERNAL": 500,
+}
+
+
+class PatchbayError(Exception):
+    """An expected failure: it knows its machine code, HTTP status and exit code."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, code: str = "INVALID_ARG", **data: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.data = data
+
+    @property
+    def status(self) -> int:
+        return ERROR_STATUS.get(self.code, 400)
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"error": self.code, "message": self.message}
+        out.update(self.data)
+        return out
+
+
+class UsageError(PatchbayError):
+    """Bad command line or configuration: exit 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "INVALID_ARG")
+
+
+# =======================================================================================
+# §2 Utilities: clock, JSON, redaction, private files
+# =======================================================================================
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def iso(ts: Optional[datetime.datetime] = None) -> str:
+    return (ts or utc_now()).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> Optional[datetime.datetime]:
+    if not text:
+        return None
+    try:
+        ts = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return ts if ts.tzinfo else ts.replace(tzinfo=datetime.timezone.utc)
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON, the form every result and log line uses."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:  # two values for one key is ambiguous: which one did the client mean?
+            raise _DuplicateKey("duplicate key %r" % key)
+        out[key] = value
+    return out
+
+
+def loads_strict(data: bytes) -> Any:
+    """Parse a request body: UTF-8, no duplicate keys, no NaN, bounded nesting."""
+    try:
+        text = data.decode("utf-8")
+        return json.loads(text, object_pairs_hook=_no_duplicates,
+                          parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PatchbayError("request body is not valid JSON: %s" % exc) from None
+    except RecursionError:  # deeply nested input raises this, not ValueError
+        raise PatchbayError("request body is nested too deeply") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError("%s is not JSON" % name)
+
+
+# Secret shapes that must never reach a log, a child's output or a tool report.
+_SECRET_PATTERNS = [
+    re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?"
+               r"(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)",
+               re.S),
+    re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"),
+    re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
+    re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
+    re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
+    re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),
+    re.compile(r"(?i)(%s=)[^&\s\"']+" % QUERY_TOKEN),
+    re.compile(r"(?i)(authorization:\s*bearer\s+)\S+"),
+]
+
+
+class Redactor:
+    """Removes known secrets (exact strings) and common secret shapes from text."""
+
+    def __init__(self) -> None:
+        self._exact: List[str] = []
+
+    def add(self, secret: Optional[str]) -> None:
+        if secret and len(secret) >= 8 and secret not in self._exact:
+            self._exact.append(secret)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._exact:
+            if secret in text:
+                text = text.replace(secret, "[REDACTED]")
+        for pat in _SECRET_PATTERNS:
+            text = pat.sub(lambda m: (m.group(1) if m.re.groups else "") + "[REDACTED]", text)
+        return text
+
+
+def private_dir(path: str) -> str:
+    """Create a 0700 directory (and parents) and return it."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write a private file atomically: temp file in the same directory, fsync, rename.
+
+    The file is created with its final mode, so it is never world-readable, not even for
+    the moment between a create and a chmod.
+    """
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, ".%s.%s.tmp" % (os.path.basename(path), secrets.token_hex(6)))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def cap_text(text: str, limit: int) -> Tuple[str, bool]:
+    if len(text) <= limit:
+        return text, False
+    return text[:limit], True
+
+
+def read_capped(stream: Any, limit: int) -> Tuple[bytes, bool]:
+    """Read at most `limit` bytes from a stream, then drain the rest without keeping it."""
+    chunks: List[bytes] = []
+    size = 0
+    truncated = False
+    while True:
+        chunk = stream.read(65536)
+        if not chunk:
+            break
+        if size < limit:
+            chunks.append(chunk[: limit - size])
+        if size + len(chunk) > limit:
+            truncated = True
+        size += len(chunk)
+    return b"".join(chunks), truncated
+
+
+def kill_group(proc: subprocess.Popen[Any]) -> None:
+    """Kill a child started with start_new_session=True and everything it started."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a zombie that will not die
+        pass
+
+
+# Children see only these variables: the token, tunnel credentials and anything else in
+# PatchBay's own environment stay out of reach (a child can read /proc/<ppid>/environ of
+# the parent only if it started with the secret; prefer --token-file for long runs).
+CHILD_ENV_ALLOW = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TERM",
+                   "TMPDIR", "TZ", "CODEX_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR",
+                   "VIRTUAL_ENV", "PYTHONPATH", "NODE_PATH", "GOPATH", "CARGO_HOME",
+                   "RUSTUP_HOME", "JAVA_HOME")
+CHILD_ENV_PREFIX_ALLOW = ("LC_", "OPENAI_", "CODEX_")
+OWN_SECRET_ENV = (ENV_TOKEN, "CLOUDFLARED_TOKEN", "TUNNEL_TOKEN", "NGROK_AUTHTOKEN",
+                  "NGROK_API_KEY")
+
+
+def child_env(inherit: bool = False, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    if inherit:
+        env = {k: v for k, v in os.environ.items() if k not in OWN_SECRET_ENV}
+    else:
+        env = {k: v for k, v in os.environ.items()
+               if k in CHILD_ENV_ALLOW or k.startswith(CHILD_ENV_PREFIX_ALLOW)}
+    env.update(extra or {})
+    return env
+
+
+# =======================================================================================
+# §3 Config and profiles
+# =======================================================================================
+
+# Which groups of tools each built-in profile exposes (SPEC §4). A tool names its group.
+PROFILE_GROUPS: Dict[str, Tuple[str, ...]] = {
+    "readonly": ("context", "plan"),
+    "worker": ("context", "plan", "codex"),
+    "power": ("context", "plan", "codex", "write", "command", "transcript"),
+    "full": ("context", "plan", "codex", "write", "command", "transcript"),
+}
+BUILTIN_PROFILES: Dict[str, Dict[str, Any]] = {
+    "readonly": {"command_policy": True, "child_env": "allowlist",
+                 "codex": {"sandbox": "read-only", "plan_sandbox": "read-only"}},
+    "worker": {"command_policy": True, "child_env": "allowlist",
+               "codex": {"sandbox": "workspace-write", "plan_sandbox": "read-only"}},
+    "power": {"command_policy": True, "child_env": "allowlist",
+              "codex": {"sandbox": "workspace-write", "plan_sandbox": "read-only"}},
+    "full": {"command_policy": False, "child_env": "inherit",
+             "codex": {"sandbox": "danger-full-access", "plan_sandbox": "read-only",
+                       "allow_bypass": True}},
+}
+DEFAULT_PROFILE = "worker"
+CODEX_DEFAULTS: Dict[str, Any] = {
+    "bin": "codex", "model": None, "sandbox": "workspace-write", "plan_sandbox": "read-only",
+    "allow_bypass": False, "config_overrides": []}
+CODEX_SANDBOXES = ("read-only", "workspace-write", "danger-full-access")
+# Every key a profile file may hold; anything else is a typo worth an error.
+PROFILE_KEYS = ("extends", "description", "roots", "blocked_globs", "tools", "command_policy",
+                "codex", "limits", "allow_query_token", "allowed_origins", "store_prompts",
+                "child_env", "host", "port", "tunnel", "hostname", "tunnel_name",
+                "public_base_url", "allow_hosts", "token_file", "cloudflare_token_file",
+                "ttl_minutes")
+
+
+def load_profile_file(path: str) -> Dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise UsageError("cannot read profile %s: %s" % (path, exc.strerror)) from None
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml  # lazily: JSON profiles and everything else need no third party
+        except ImportError:
+            raise UsageError("profile %s is YAML, which needs PyYAML: pip install PyYAML, "
+                             "or write the profile as .json" % path) from None
+        try:
+            data = yaml.safe_load(raw.decode("utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise UsageError("profile %s is not valid YAML: %s" % (path, exc)) from None
+    else:
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UsageError("profile %s is not valid JSON: %s" % (path, exc)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError("profile %s must be a mapping of keys to values" % path)
+    return data
+
+
+def check_profile(data: Dict[str, Any], where: str) -> Dict[str, Any]:
+    unknown = sorted(set(data) - set(PROFILE_KEYS))
+    if unknown:
+        raise UsageError("%s: unknown profile key(s) %s; accepted keys: %s"
+                         % (where, ", ".join(unknown), ", ".join(PROFILE_KEYS)))
+    for key in ("limits", "codex"):
+        if key in data and not isinstance(data[key], dict):
+            raise UsageError("%s: %s must be a mapping" % (where, key))
+    for key in ("roots", "blocked_globs", "tools", "allowed_origins", "allow_hosts"):
+        value = data.get(key)
+        if value is not None and not (isinstance(value, list)
+                                      and all(isinstance(v, str) for v in value)):
+            raise UsageError("%s: %s must be a list of strings" % (where, key))
+    bad_limits = sorted(set(data.get("limits", {})) - set(DEFAULT_LIMITS))
+    if bad_limits:
+        raise UsageError("%s: unknown limit(s) %s; accepted: %s"
+                         % (where, ", ".join(bad_limits), ", ".join(DEFAULT_LIMITS)))
+    for key, value in data.get("limits", {}).items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UsageError("%s: limits.%s must be a positive integer" % (where, key))
+    bad_codex = sorted(set(data.get("codex", {})) - set(CODEX_DEFAULTS))
+    if bad_codex:
+        raise UsageError("%s: unknown codex key(s) %s; accepted: %s"
+                         % (where, ", ".join(bad_codex), ", ".join(CODEX_DEFAULTS)))
+    for key in ("sandbox", "plan_sandbox"):
+        value = data.get("codex", {}).get(key)
+        if value is not None and value not in CODEX_SANDBOXES:
+            raise UsageError("%s: codex.%s must be one of %s"
+                             % (where, key, ", ".join(CODEX_SANDBOXES)))
+    if data.get("child_env", "allowlist") not in ("allowlist", "inherit"):
+        raise UsageError("%s: child_env must be allowlist or inherit" % where)
+    return data
+
+
+class Config:
+    """All settings, resolved once: built-in profile < profile file < environment < flags."""
+
+    def __init__(self, home: str, profile_name: str, settings: Dict[str, Any]) -> None:
+        self.home = home
+        self.profile_name = profile_name
+        s = settings
+        self.extends: str = s.get("extends", profile_name)
+        self.groups = PROFILE_GROUPS[self.extends]
+        self.roots: List[str] = list(s.get("roots") or [])
+        self.blocked_globs: List[str] = list(s.get("blocked_globs") or DEFAULT_BLOCKED_GLOBS)
+        self.tools: Optional[List[str]] = s.get("tools")
+        self.command_policy: bool = bool(s.get("command_policy", True))
+        self.codex: Dict[str, Any] = dict(CODEX_DEFAULTS, **s.get("codex", {}))
+        self.limits: Dict[str, int] = dict(DEFAULT_LIMITS, **s.get("limits", {}))
+        self.allow_query_token: bool = bool(s.get("allow_query_token", True))
+        self.allowed_origins: List[str] = [o.rstrip("/") for o in s.get("allowed_origins") or []]
+        self.store_prompts: bool = bool(s.get("store_prompts", False))
+        self.child_env: str = s.get("child_env", "allowlist")
+        self.host: str = s.get("host", DEFAULT_HOST)
+        self.port: int = int(s.get("port", DEFAULT_PORT))
+        self.token_file: Optional[str] = s.get("token_file")
+        self.ttl_minutes: Optional[int] = s.get("ttl_minutes")
+        self.public_base_url: str = (s.get("public_base_url") or "").rstrip("/")
+        self.allow_hosts: List[str] = list(s.get("allow_hosts") or [])
+        self.tunnel: str = s.get("tunnel", "none")
+        self.settings = s
+
+    @classmethod
+    def resolve(cls, home: str, profile: Optional[str] = None,
+                overrides: Optional[Dict[str, Any]] = None,
+                environ: Optional[Dict[str, str]] = None) -> Config:
+        env = os.environ if environ is None else environ
+        profile = profile or env.get(ENV_PROFILE) or DEFAULT_PROFILE
+        name, data = cls._load(home, profile)
+        base = name if name in BUILTIN_PROFILES else data.get("extends", DEFAULT_PROFILE)
+        if base not in BUILTIN_PROFILES:
+            raise UsageError("profile %s extends unknown profile %r; built-in profiles: %s"
+                             % (profile, base, ", ".join(BUILTIN_PROFILES)))
+        settings: Dict[str, Any] = json.loads(json.dumps(BUILTIN_PROFILES[base]))
+        settings["extends"] = base
+        for key, value in data.items():
+            if key in ("codex", "limits"):
+                settings[key] = dict(settings.get(key, {}), **value)
+            elif key != "extends":
+                settings[key] = value
+        if env.get(ENV_ROOT):
+            settings["roots"] = [p for p in env[ENV_ROOT].split(os.pathsep) if p]
+        for key, value in (overrides or {}).items():
+            if value is not None and value != []:
+                settings[key] = value
+        return cls(home, name, settings)
+
+    @staticmethod
+    def _load(home: str, profile: str) -> Tuple[str, Dict[str, Any]]:
+        if profile in BUILTIN_PROFILES:
+            return profile, {}
+        candidates = [profile]
+        if re.fullmatch(r"[A-Za-z0-9_.-]+", profile):
+            candidates.append(os.path.join(home, "profiles", profile + ".json"))
+        for path in candidates:
+            if os.path.isfile(path):
+                name = os.path.splitext(os.path.basename(path))[0]
+                return name, check_profile(load_profile_file(path), path)
+        raise UsageError("no profile %r: use one of %s, a .json/.yaml file, or a name saved "
+                         "with --save-profile" % (profile, ", ".join(BUILTIN_PROFILES)))
+
+    def enabled_tools(self, registry: ToolRegistry) -> List[Tool]:
+        """The fixed tool list: the profile's groups, narrowed by an explicit `tools` list."""
+        tools = [t for t in registry.tools if t.group in self.groups]
+        if self.tools is not None:
+            known = {t.name for t in registry.tools}
+            unknown = sorted(set(self.tools) - known)
+            if unknown:
+                raise UsageError("profile %s names unknown tool(s) %s; known tools: %s"
+                                 % (self.profile_name, ", ".join(unknown),
+                                    ", ".join(sorted(known))))
+            tools = [t for t in tools if t.name in self.tools]
+        return tools
+
+
+# =======================================================================================
+# §4 Channel and auth: token, TTL, Host and Origin
+# =======================================================================================
+
+class Channel:
+    """`PATCHBAY_HOME/config.json`: token, public URL, access expiry, workspace registry.
+
+    A running server re-reads it whenever its stat signature changes, so a rotated token,
+    a revoke or a new TTL takes effect on the next request without a restart.
+    """
+
+    def __init__(self, home: str) -> None:
+        self.home = home
+        self.path = os.path.join(home, "config.json")
+        self._sig: Optional[Tuple[int, int, int]] = None
+        self._data: Dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def load(self) -> Dict[str, Any]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return {}
+        sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+        with self._lock:
+            if sig != self._sig:
+                try:
+                    with open(self.path, "rb") as f:
+                        data = json.loads(f.read().decode("utf-8"))
+                except (OSError, ValueError, UnicodeDecodeError) as exc:
+                    raise PatchbayError("%s is unreadable (%s); fix or remove it, then run "
+                                        "`patchbay channel register`" % (self.path, exc),
+                                        "UNAVAILABLE") from None
+                self._data = data if isinstance(data, dict) else {}
+                self._sig = sig
+            return self._data
+
+    def save(self, data: Dict[str, Any]) -> None:
+        private_dir(self.home)
+        atomic_write(self.path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+    def update(self, **changes: Any) -> Dict[str, Any]:
+        data = dict(self.load())
+        data.update(changes)
+        self.save(data)
+        return data
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)  # 256 bits, URL-safe for connector URLs
+
+
+def _digest(value: str) -> bytes:
+    # Compare digests: equal length always, and any str (non-ASCII included) encodes.
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+
+
+def split_host(host: str) -> Tuple[str, str]:
+    """'Example.COM:443' -> ('example.com', '443'); '[::1]:8' -> ('[::1]', '8')."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            return host, ""
+        rest = host[end + 1:]
+        return host[: end + 1], rest[1:] if rest.startswith(":") else ""
+    name, _, port = host.partition(":")
+    return name, port
+
+
+class Access:
+    """Decides whether a request may proceed: Host, Origin, token, TTL (SPEC §5)."""
+
+    LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+    def __init__(self, cfg: Config, channel: Channel, static_token: Optional[str],
+                 redactor: Redactor) -> None:
+        self.cfg = cfg
+        self.channel = channel
+        self.static_token = static_token
+        self.redactor = redactor
+        self.port = 0
+        self.started = time.time()
+        self.tunnel_hosts: List[str] = []
+        redactor.add(static_token)
+
+    # -- token -----------------------------------------------------------------------
+    def token(self) -> Optional[str]:
+        if self.static_token:
+            return self.static_token
+        token = self.channel.load().get("token") or None
+        self.redactor.add(token)
+        return token
+
+    def credential(self, header: Optional[str], query_token: Optional[str]) -> Optional[str]:
+        """Return a stable id of the credential used, or None when it is wrong or missing."""
+        expected = self.token()
+        if expected is None:
+            return ""  # loopback without a token: everyone on this machine is the same caller
+        offered = None
+        if header and header[:7].lower() == "bearer ":
+            offered = header[7:].strip()
+        elif query_token is not None and self.cfg.allow_query_token:
+            offered = query_token
+        if offered is None:
+            return None
+        if not hmac.compare_digest(_digest(offered), _digest(expected)):
+            return None
+        return hashlib.sha256(b"cred:" + _digest(expected)).hexdigest()[:32]
+
+    def expired(self) -> bool:
+        now = utc_now()
+        expires = parse_iso(str(self.channel.load().get("access_expires_at") or ""))
+        if self.cfg.ttl_minutes:
+            own = datetime.datetime.fromtimestamp(
+                self.started + 60 * self.cfg.ttl_minutes, datetime.timezone.utc)
+            expires = min(expires, own) if expires else own
+        return bool(expires and now >= expires)
+
+    # -- Host and Origin (DNS rebinding, cross-site posts) ------------------------------
+    def public_url(self) -> str:
+        return (self.cfg.public_base_url or self.channel.load().get("public_base_url")
+                or "").rstrip("/")
+
+    def allowed_hosts(self) -> List[str]:
+        hosts = ["%s:%d" % (n, self.port) for n in self.LOOPBACK_NAMES]
+        public = self.public_url()
+        if public:
+            hosts.append(urllib.parse.urlsplit(public).netloc.lower())
+        hosts.extend(h.lower() for h in self.tunnel_hosts + self.cfg.allow_hosts)
+        return hosts
+
+    def host_ok(self, host: Optional[str]) -> bool:
+        if not host:
+            return False
+        name, port = split_host(host)
+        for allowed in self.allowed_hosts():
+            a_name, a_port = split_host(allowed)
+            if name == a_name and (a_port == "*" or a_port == port
+                                   or (not a_port and port in ("", "443", "80"))):
+                return True
+        return False
+
+    def cors_origin(self, origin: str) -> bool:
+        """Whether a profile lists this origin for CORS (off unless allowed_origins is set)."""
+        return origin.strip().rstrip("/").lower() in (o.lower() for o in self.cfg.allowed_origins)
+
+    def origin_ok(self, origin: Optional[str]) -> bool:
+        if origin is None:
+            return True  # non-browser clients send none; browsers always do
+        if self.cors_origin(origin):
+            return True
+        origin = origin.strip().rstrip("/").lower()
+        parts = urllib.parse.urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            return False  # "null", file:, chrome-extension: ...
+        return self.host_ok(parts.netloc)
+
+
+# =======================================================================================
+# §5 Path guard: the only way a user path becomes an open file or directory
+# =======================================================================================
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_SYMLINK_HOPS = 40
+_IGNORABLE = {0x00AD, 0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x3164, 0xFFA0}
+
+
+def fold(name: str) -> str:
+    """Compare names the way a case-insensitive filesystem and a human would.
+
+    NFC, case folded, with invisible (default-ignorable) code points removed, so `.ENV`,
+    `.E\u200bnv` and `.env` are one name to the blocked-file check.
+    """
+    name = unicodedata.normalize("NFC", name)
+    name = "".join(ch for ch in name
+                   if not (ord(ch) in _IGNORABLE or unicodedata.category(ch) == "Cf"
+                           or 0xFE00 <= ord(ch) <= 0xFE0F or 0xE0100 <= ord(ch) <= 0xE01EF))
+    return name.casefold()
+
+
+def rel(parts: List[str]) -> str:
+    return "/".join(parts) or "."
+
+
+class Root:
+    """A workspace root pinned as a directory fd at start: renaming or replacing the
+    directory afterwards cannot redirect PatchBay somewhere else."""
+
+    def __init__(self, name: str, path: str) -> None:
+        try:
+            self.real = os.path.realpath(path, strict=True)
+            self.fd = os.open(self.real, DIR_FLAGS)
+        except OSError as exc:
+            raise UsageError("workspace %s: cannot open %s: %s"
+                             % (name, path, exc.strerror or exc)) from None
+        self.name = name
+        self.dev = os.fstat(self.fd).st_dev
+
+    def current_path(self) -> str:
+        """Where the pinned directory is now (for subprocess cwd)."""
+        try:
+            return os.readlink("/proc/self/fd/%d" % self.fd)
+        except OSError:
+            return self.real
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+class PathGuard:
+    """Every tool turns paths into files through here (reference/security.md).
+
+    Lexical checks first (no `..`, no NUL, absolute paths only inside the root, compared
+    by components), then a walk with O_NOFOLLOW from the pinned root fd, one component at
+    a time. A symlink is followed only by re-walking its target from the root, so it can
+    never lead out. Blocked globs and protected paths are checked on every component, on
+    the path as given and on the path a symlink resolves to.
+    """
+
+    def __init__(self, blocked_globs: List[str], protected: Tuple[str, ...] = ()) -> None:
+        self.globs = [[fold(c) for c in g.split("/") if c] for g in blocked_globs]
+        self.protected = [os.path.realpath(p) for p in protected]
+
+    # -- lexical -----------------------------------------------------------------------
+    def split(self, root: Root, path: Any, allow_root: bool = False) -> List[str]:
+        if not isinstance(path, str) or "\x00" in path:
+            raise PatchbayError("path must be a string without NUL bytes", "INVALID_ARG")
+        try:
+            encoded = path.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates
+            raise PatchbayError("path is not valid Unicode", "INVALID_ARG") from None
+        if len(encoded) > 4096 or any(len(c.encode()) > 255 for c in path.split("/")):
+            raise PatchbayError("path is too long", "INVALID_ARG")
+        if ".." in path.split("/"):
+            raise PatchbayError("path may not contain '..': give it relative to the "
+                                "workspace root", "DENIED_PATH")
+        if path.startswith("/"):
+            norm = os.path.normpath(path)
+            inside = self._relative_to(root.real, norm)
+            if inside is None:
+                raise PatchbayError("absolute path is outside the workspace; give paths "
+                                    "relative to its root", "DENIED_PATH")
+            path = inside
+        parts = [c for c in path.split("/") if c not in ("", ".")]
+        if not parts and not allow_root:
+            raise PatchbayError("path names the workspace root, not a file", "INVALID_ARG")
+        return parts
+
+    @staticmethod
+    def _relative_to(base: str, path: str) -> Optional[str]:
+        b = [c for c in base.split("/") if c]
+        p = [c for c in path.split("/") if c]
+        if p[: len(b)] != b:  # whole components: /repo-evil is not inside /repo
+            return None
+        return "/".join(p[len(b):])
+
+    def blocked(self, parts: List[str]) -> Optional[str]:
+        folded = [fold(c) for c in parts]
+        for glob in self.globs:
+            k = len(glob)
+            for j in range(len(folded) - k + 1):
+                if all(fnmatch.fnmatchcase(folded[j + t], glob[t]) for t in range(k)):
+                    return "/".join(glob)
+        return None
+
+    def check(self, root: Root, parts: List[str]) -> None:
+        if any(fold(c) == ".git" for c in parts):
+            raise PatchbayError("%s is inside .git, which PatchBay never exposes; use the "
+                                "changes tool for repository state" % rel(parts), "DENIED_PATH")
+        for prot in self.protected:
+            inside = self._relative_to(root.real, prot)
+            if inside is not None:
+                prefix = [fold(c) for c in inside.split("/") if c]
+                if [fold(c) for c in parts[: len(prefix)]] == prefix:
+                    raise PatchbayError("%s is PatchBay's own state directory" % rel(parts),
+                                        "DENIED_PATH")
+        glob = self.blocked(parts)
+        if glob:
+            raise PatchbayError("%s matches the blocked pattern %r (secrets are never read "
+                                "or written)" % (rel(parts), glob), "BLOCKED_FILE")
+
+    # -- kernel walk -------------------------------------------------------------------
+    def walk(self, root: Root, parts: List[str], whole: bool,
+             create: bool = False) -> Tuple[int, List[str]]:
+        """Open the directory holding parts[-1] (or parts itself when `whole`).
+
+        Returns (fd, resolved parts); the caller closes fd. In-root symlinks are resolved
+        by splicing their target into the path and walking again from the root.
+        """
+        for _hop in range(MAX_SYMLINK_HOPS):
+            self.check(root, parts)
+            fd, spliced = self._walk_once(root, parts, whole, create)
+            if spliced is None:
+                return fd, parts
+            parts = spliced
+        raise PatchbayError("too many symlinks in %s" % rel(parts), "DENIED_PATH")
+
+    def _walk_once(self, root: Root, parts: List[str], whole: bool,
+                   create: bool) -> Tuple[int, Optional[List[str]]]:
+        fd = os.dup(root.fd)
+        try:
+            for i in range(len(parts) if whole else len(parts) - 1):
+                try:
+                    nfd = os.open(parts[i], DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise PatchbayError("no such directory: %s" % rel(parts[: i + 1]),
+                                            "NOT_FOUND") from None
+                    os.mkdir(parts[i], 0o755, dir_fd=fd)
+                    nfd = os.open(parts[i], DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    target = self._link(fd, parts[i])
+                    if target is None:
+                        raise PatchbayError("not a directory: %s" % rel(parts[: i + 1]),
+                                            "NOT_FOUND") from None
+                    os.close(fd)
+                    return -1, self._splice(root, parts, i, target)
+                os.close(fd)
+                fd = nfd
+                if os.fstat(fd).st_dev != root.dev:
+                    raise PatchbayError("%s crosses into another filesystem"
+                                        % rel(parts[: i + 1]), "DENIED_PATH")
+            if parts and not whole:
+                target = self._link(fd, parts[-1])
+                if target is not None:
+                    os.close(fd)
+                    return -1, self._splice(root, parts, len(parts) - 1, target)
+            return fd, None
+        except BaseException:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            raise
+
+    @staticmethod
+    def _link(dir_fd: int, name: str) -> Optional[str]:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISLNK(st.st_mode):
+            return None
+        return os.readlink(name, dir_fd=dir_fd)
+
+    def _splice(self, root: Root, parts: List[str], i: int, target: str) -> List[str]:
+        if target.startswith("/"):
+            inside = self._relative_to(root.real, os.path.normpath(target))
+            if inside is None:
+                raise PatchbayError("%s is a symlink that points outside the workspace"
+                                    % rel(parts[: i + 1]), "DENIED_PATH")
+            base = inside.split("/")
+        else:
+            base = parts[:i] + target.split("/")
+        out: List[str] = []
+        for c in base + parts[i + 1:]:
+            if c in ("", "."):
+                continue
+            if c == "..":
+                if not out:
+                    raise PatchbayError("%s is a symlink that points outside the workspace"
+                                        % rel(parts[: i + 1]), "DENIED_PATH")
+                out.pop()
+            else:
+                out.append(c)
+        return out
+
+    # -- operations --------------------------------------------------------------------
+    def read(self, root: Root, path: Any, cap: int) -> Tuple[bytes, List[str]]:
+        """Read a whole regular file of at most `cap` bytes."""
+        parts = self.split(root, path)
+        pfd, parts = self.walk(root, parts, whole=False)
+        try:
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=pfd)
+        except FileNotFoundError:
+            raise PatchbayError("no such file: %s" % rel(parts), "NOT_FOUND") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # swapped for a symlink after the walk
+                raise PatchbayError("%s is a symlink" % rel(parts), "DENIED_PATH") from None
+            raise
+        finally:
+            os.close(pfd)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if stat.S_ISDIR(st.st_mode):
+                raise PatchbayError("%s is a directory; use list_files" % rel(parts),
+                                    "NOT_A_FILE")
+            if not stat.S_ISREG(st.st_mode):  # FIFOs and devices would block or never end
+                raise PatchbayError("%s is not a regular file" % rel(parts), "NOT_A_FILE")
+            if st.st_nlink > 1:  # a hard link may be a window onto a file outside the root
+                raise PatchbayError("%s has several hard links; PatchBay does not read "
+                                    "hard-linked files" % rel(parts), "DENIED_PATH")
+            if st.st_size > cap:
+                raise PatchbayError("%s is %d bytes, over the %d-byte read limit"
+                                    % (rel(parts), st.st_size, cap), "TOO_LARGE")
+            os.set_blocking(f.fileno(), True)
+            data = f.read(cap + 1)
+        if len(data) > cap:
+            raise PatchbayError("%s grew over the read limit" % rel(parts), "TOO_LARGE")
+        return data, parts
+
+    def open_dir(self, root: Root, path: Any) -> Tuple[int, List[str]]:
+        parts = self.split(root, path, allow_root=True)
+        try:
+            return self.walk(root, parts, whole=True)
+        except PatchbayError as exc:
+            if exc.code == "NOT_FOUND" and exc.message.startswith("not a directory"):
+                raise PatchbayError("%s is not a directory" % rel(parts), "NOT_A_FILE") from None
+            raise
+
+    def visible(self, root: Root, parts: List[str]) -> bool:
+        """Whether a listed or searched entry may be shown at all."""
+        try:
+            self.check(root, parts)
+        except PatchbayError:
+            return False
+        return True
+
+
+# =======================================================================================
+# §6 Git: the only code that runs git, hardened (reference/security.md)
+# =======================================================================================
+
+class Git:
+    """Runs git with hooks, fsmonitor, pagers, external diff and textconv off, a global
+    config of /dev/null, no inherited GIT_* variables, and every path after `--`.
+
+    Settings that `-c` cannot neutralise (clean/smudge filters, includes, textconv and
+    merge drivers, ssh commands) make a repository unsupported instead.
+    """
+
+    PREFIX = ("git", "--no-pager", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
+              "-c", "core.untrackedCache=false", "-c", "diff.external=", "-c", "core.pager=cat",
+              "-c", "commit.gpgsign=false", "-c", "tag.gpgsign=false", "-c", "credential.helper=",
+              "-c", "protocol.allow=never", "-c", "core.quotePath=false", "--no-optional-locks")
+    REFUSED = re.compile(r"^(filter\..*|diff\..*\.(textconv|command)|merge\..*\.driver|"
+                         r"include\.path|includeif\..*|core\.sshcommand|core\.gitproxy|"
+                         r"uploadpack\..*)$")
+
+    def __init__(self) -> None:
+        env = {k: v for k, v in child_env().items() if not k.startswith("GIT_")}
+        env.update(GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull, GIT_TERMINAL_PROMPT="0",
+                   GIT_EDITOR="true", GIT_PAGER="cat", GIT_OPTIONAL_LOCKS="0", LC_ALL="C")
+        self.env = env
+        self.available = shutil.which("git") is not None
+        self._checked: Dict[str, Optional[str]] = {}
+        self._lock = threading.Lock()
+
+    def argv(self, args: List[str]) -> List[str]:
+        return list(self.PREFIX) + args
+
+    def run(self, cwd: str, args: List[str], input: Optional[bytes] = None,
+            timeout: float = 30, ok_codes: Tuple[int, ...] = (0,)) -> bytes:
+        try:
+            proc = subprocess.run(self.argv(args), cwd=cwd, env=self.env, input=input,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  stdin=None if input is not None else subprocess.DEVNULL,
+                                  timeout=timeout, start_new_session=True)
+        except subprocess.TimeoutExpired:
+            raise PatchbayError("git %s timed out" % args[0], "TIMEOUT") from None
+        except FileNotFoundError:
+            raise PatchbayError("git is not installed", "UNAVAILABLE") from None
+        if proc.returncode not in ok_codes:
+            msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            why = msg[-1] if msg else "exit %d" % proc.returncode
+            raise PatchbayError("git %s failed: %s" % (args[0], why),
+                                "UNAVAILABLE")
+        return proc.stdout
+
+    def repo_state(self, cwd: str) -> Optional[str]:
+        """None for a usable repository; 'none' outside one; otherwise why it is refused."""
+        with self._lock:
+            if cwd in self._checked:
+                return self._checked[cwd]
+        if not self.available:
+            verdict: Optional[str] = "none"
+        else:
+            try:
+                self.run(cwd, ["rev-parse", "--git-dir"])
+                raw = self.run(cwd, ["config", "--local", "--list", "-z"], ok_codes=(0, 1))
+                keys = [item.split(b"\n", 1)[0].decode("utf-8", "replace").lower()
+                        for item in raw.split(b"\0") if item]
+                bad = sorted({k for k in keys if self.REFUSED.match(k)})
+                verdict = None if not bad else (
+                    "this repository's .git/config sets %s, which can make git run programs "
+                    "that PatchBay cannot switch off; remove them (git config --unset ...) "
+                    "to use git features here" % ", ".join(bad))
+            except PatchbayError:
+                verdict = "none"
+        with self._lock:
+            self._checked[cwd] = verdict
+        return verdict
+
+    def require(self, cwd: str) -> None:
+        state = self.repo_state(cwd)
+        if state == "none":
+            raise PatchbayError("the workspace is not a git repository", "UNSUPPORTED_REPO")
+        if state:
+            raise PatchbayError(state, "UNSUPPORTED_REPO")
+
+    def status(self, cwd: str) -> Dict[str, Any]:
+        """`git status --porcelain=v2 --branch -z`, parsed into branch, head and files."""
+        out = self.run(cwd, ["status", "--porcelain=v2", "--branch", "-z",
+                             "--untracked-files=all"]).decode("utf-8", "replace")
+        fields = out.split("\0")
+        info: Dict[str, Any] = {"branch": None, "head": None, "files": []}
+        i = 0
+        while i < len(fields):
+            f = fields[i]
+            i += 1
+            if f.startswith("# branch.oid "):
+                oid = f[13:]
+                info["head"] = None if oid == "(initial)" else oid[:12]
+            elif f.startswith("# branch.head "):
+                head = f[14:]
+                info["branch"] = None if head == "(detached)" else head
+            elif f[:2] in ("1 ", "2 ", "u "):
+                cols = f.split(" ", {"1": 8, "2": 9, "u": 10}[f[0]])
+                xy, path = cols[1], cols[-1]
+                entry: Dict[str, Any] = {"path": path, "index": xy[0], "worktree": xy[1]}
+                if f[0] == "2":  # renames carry the old path as the next field
+                    entry["from"] = fields[i]
+                    i += 1
+                if f[0] == "u":
+                    entry["conflict"] = True
+                info["files"].append(entry)
+            elif f.startswith("? "):
+                info["files"].append({"path": f[2:], "index": "?", "worktree": "?"})
+        return info
+
+    def ignored(self, cwd: str, paths: List[str]) -> set:
+        """Which of `paths` .gitignore excludes (tracked files never count as ignored)."""
+        if not paths:
+            return set()
+        out = self.run(cwd, ["check-ignore", "-z", "--stdin"],
+                       input="\0".join(paths).encode() + b"\0", ok_codes=(0, 1))
+        return {p.decode("utf-8", "surrogateescape") for p in out.split(b"\0") if p}
+
+
+# =======================================================================================
+# §7 Tools: one registry feeds MCP and Actions
+# =======================================================================================
+
+REQUIRED = object()
+
+
+class Param:
+    """One argument: JSON type, description, default, and bounds. Builds schema and checks."""
+
+    def __init__(self, kind: str, description: str, default: Any = REQUIRED,
+                 minimum: Optional[int] = None, maximum: Optional[int] = None,
+                 max_length: Optional[int] = None, enum: Optional[List[str]] = None,
+                 nullable: bool = False) -> None:
+        self.kind, self.description, self.default = kind, description, default
+        self.minimum, self.maximum, self.max_length, self.enum = minimum, maximum, max_length, enum
+        self.nullable = nullable
+
+    def schema(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"type": [self.kind, "null"] if self.nullable else self.kind,
+                               "description": self.description}
+        for key, value in (("minimum", self.minimum), ("maximum", self.maximum),
+                           ("maxLength", self.max_length), ("enum", self.enum)):
+            if value is not None:
+                out[key] = value
+        if self.default is not REQUIRED and self.default is not None:
+            out["default"] = self.default
+        return out
+
+    def check(self, name: str, value: Any) -> Any:
+        if value is None and (self.nullable or self.default is None):
+            return None
+        types = {"string": str, "integer": int, "boolean": bool, "object": dict}
+        ok = isinstance(value, types[self.kind])
+        if self.kind == "integer" and isinstance(value, bool):
+            ok = False
+        if self.kind == "integer" and isinstance(value, float) and value.is_integer():
+            value, ok = int(value), True
+        if not ok:
+            raise PatchbayError("argument %r must be a %s" % (name, self.kind))
+        if self.minimum is not None and value < self.minimum:
+            raise PatchbayError("argument %r must be at least %d" % (name, self.minimum))
+        if self.maximum is not None and value > self.maximum:
+            raise PatchbayError("argument %r must be at most %d" % (name, self.maximum))
+        if self.max_length is not None and len(value) > self.max_length:
+            raise PatchbayError("argument %r is longer than %d characters"
+                                % (name, self.max_length))
+        if self.enum is not None and value not in self.enum:
+            raise PatchbayError("argument %r must be one of %s" % (name, ", ".join(self.enum)))
+        return value
+
+
+class Tool:
+    """Name, description, parameters, annotations and group: everything both doors need."""
+
+    def __init__(self, name: str, group: str, summary: str, params: Dict[str, Param],
+                 handler: Callable[[CallContext, Dict[str, Any]], Dict[str, Any]],
+                 read_only: bool, destructive: bool = False, idempotent: bool = True,
+                 open_world: bool = False) -> None:
+        self.name, self.group, self.summary, self.params = name, group, summary, params
+        self.handler = handler
+        self.annotations = {"readOnlyHint": read_only,
+                            "destructiveHint": False if read_only else destructive,
+                            "idempotentHint": True if read_only else idempotent,
+                            "openWorldHint": open_world}
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.annotations["readOnlyHint"])
+
+    def input_schema(self) -> Dict[str, Any]:
+        schema: Dict[str, Any] = {
+            "type": "object",
+            "properties": {k: p.schema() for k, p in self.params.items()},
+            "additionalProperties": False}
+        required = [k for k, p in self.params.items() if p.default is REQUIRED]
+        if required:
+            schema["required"] = required
+        return schema
+
+    def mcp(self) -> Dict[str, Any]:
+        return {"name": self.name, "description": self.summary,
+                "inputSchema": self.input_schema(), "annotations": self.annotations}
+
+    def validate(self, args: Any) -> Dict[str, Any]:
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise PatchbayError("arguments must be a JSON object")
+        unknown = sorted(set(args) - set(self.params))
+        if unknown:
+            raise PatchbayError("unknown argument(s) %s; %s takes %s"
+                                % (", ".join(unknown), self.name,
+                                   ", ".join(self.params) or "no arguments"))
+        out: Dict[str, Any] = {}
+        for key, param in self.params.items():
+            if key in args:
+                out[key] = param.check(key, args[key])
+            elif param.default is REQUIRED:
+                raise PatchbayError("missing required argument %r" % key)
+            else:
+                out[key] = param.default
+        return out
+
+
+class ToolRegistry:
+    def __init__(self, tools: List[Tool]) -> None:
+        self.tools = tools
+        self.by_name = {t.name: t for t in tools}
+
+
+class Workspaces:
+    """The roots this process may touch, pinned at start, by name."""
+
+    def __init__(self, entries: List[Tuple[str, str]]) -> None:
+        self.roots: Dict[str, Root] = {}
+        for name, path in entries:
+            self.roots[name] = Root(name, path)
+        if not self.roots:
+            raise UsageError("no workspace: pass --root DIR (or set %s, or run "
+                             "`patchbay channel register --workspace DIR`)" % ENV_ROOT)
+        self.default = next(iter(self.roots))
+
+    @staticmethod
+    def from_paths(paths: List[str]) -> List[Tuple[str, str]]:
+        entries: List[Tuple[str, str]] = []
+        taken: set = set()
+        for path in paths:
+            base = re.sub(r"[^A-Za-z0-9_.-]+", "-",
+                          os.path.basename(os.path.realpath(path)) or "root").strip("-") or "root"
+            name, n = base, 2
+            while name in taken:
+                name, n = "%s-%d" % (base, n), n + 1
+            taken.add(name)
+            entries.append((name, path))
+        return entries
+
+    def names(self) -> List[str]:
+        return list(self.roots)
+
+    def get(self, name: Optional[str]) -> Root:
+        return self.roots.get(name or self.default) or self.roots[self.default]
+
+
+class WorkspaceChoice:
+    """Which workspace a caller has selected: per MCP session, or the channel's for Actions."""
+
+    def __init__(self, channel: Optional[Channel] = None) -> None:
+        self.channel = channel
+        self.name: Optional[str] = None
+
+    def get(self) -> Optional[str]:
+        if self.channel is not None:
+            return self.channel.load().get("active_workspace")
+        return self.name
+
+    def set(self, name: str) -> None:
+        if self.channel is not None:
+            self.channel.update(active_workspace=name)
+        else:
+            self.name = name
+
+
+class CallContext:
+    def __init__(self, door: str, choice: WorkspaceChoice,
+                 cancel: Optional[threading.Event] = None) -> None:
+        self.door = door
+        self.choice = choice
+        self.cancel = cancel or threading.Event()
+        self.root: Root  # set by the dispatcher before the handler runs
+
+
+def stream_records(argv: List[str], cwd: str, env: Dict[str, str], timeout: float,
+                   cancel: threading.Event) -> Iterator[bytes]:
+    """Yield stdout lines of a child; stop it (whole group) when the consumer stops,
+    on timeout or on cancel. Never lets the child's output pile up in memory."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    timer = threading.Timer(timeout, kill_group, (proc,))
+    timer.daemon = True
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if cancel.is_set():
+                break
+            yield line[:65536]
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            kill_group(proc)
+        else:
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+Hit = Tuple[str, int, str]  # path, line number, line text
+
+
+class Workbench:
+    """The tool handlers. `tool_<name>` methods; TOOLS below declares them."""
+
+    def __init__(self, cfg: Config, workspaces: Workspaces, guard: PathGuard, git: Git,
+                 channel: Channel) -> None:
+        self.cfg, self.workspaces, self.guard, self.git = cfg, workspaces, guard, git
+        self.channel = channel
+        self.limits = cfg.limits
+        self.rg = shutil.which("rg")
+        self.enabled: List[str] = []
+
+    # -- helpers -------------------------------------------------------------------------
+    def _text(self, data: bytes, parts: List[str]) -> str:
+        if b"\0" in data[:8192]:
+            raise PatchbayError("%s is a binary file" % rel(parts), "BINARY_FILE")
+        return data.decode("utf-8", "replace")
+
+    def _url(self, root: Root, path: str, line: Optional[int] = None) -> str:
+        url = "patchbay://%s/%s" % (urllib.parse.quote(root.name), urllib.parse.quote(path))
+        return url + ("#L%d" % line if line else "")
+
+    # -- context tools -------------------------------------------------------------------
+    def tool_workspace(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        root = call.root
+        out: Dict[str, Any] = {"workspace": root.name, "workspaces": self.workspaces.names(),
+                               "profile": self.cfg.profile_name, "tools": self.enabled}
+        cwd = root.current_path()
+        if self.git.repo_state(cwd) is None:
+            st = self.git.status(cwd)
+            files = st["files"]
+            out["git"] = {
+                "branch": st["branch"], "head": st["head"],
+                "staged": sum(1 for f in files if f["index"] not in ".?"),
+                "unstaged": sum(1 for f in files if f["worktree"] not in ".?"),
+                "untracked": sum(1 for f in files if f["index"] == "?"),
+                "conflicts": sum(1 for f in files if f.get("conflict"))}
+        else:
+            out["git"] = None
+            out["git_note"] = ("not a git repository" if self.git.repo_state(cwd) == "none"
+                               else self.git.repo_state(cwd))
+        try:
+            data, _ = self.guard.read(root, "AGENTS.md", 1024 * 1024)
+            out["agents_md"], cut = cap_text(data.decode("utf-8", "replace"), 4000)
+            out["agents_md_truncated"] = cut
+        except PatchbayError:
+            pass
+        return out
+
+    def tool_switch_workspace(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        name = args["name"]
+        if name not in self.workspaces.roots:
+            raise PatchbayError("no workspace named %r; registered: %s"
+                                % (name, ", ".join(self.workspaces.names())), "NOT_FOUND")
+        call.choice.set(name)
+        call.root = self.workspaces.get(name)
+        return self.tool_workspace(call, {})
+
+    def tool_list_files(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        root, limit = call.root, args["max_entries"]
+        fd, base = self.guard.open_dir(root, args["path"])
+        entries: List[Dict[str, Any]] = []
+        truncated = False
+        use_git = self.git.repo_state(root.current_path()) is None
+        level: List[Tuple[int, List[str]]] = [(fd, base)]
+        try:
+            for depth in range(args["depth"]):
+                found: List[Tuple[Dict[str, Any], int, List[str]]] = []
+                for dfd, dparts in level:
+                    for entry in sorted(os.scandir(dfd), key=lambda e: e.name):
+                        parts = dparts + [entry.name]
+                        if entry.name == ".git" or not self.guard.visible(root, parts):
+                            continue
+                        if entry.name.startswith(".") and not args["include_hidden"]:
+                            continue
+                        found.append((self._entry(entry, parts), dfd, parts))
+                if use_git and found:
+                    ignored = self.git.ignored(root.current_path(),
+                                               [rel(p) for _, _, p in found])
+                    found = [f for f in found if rel(f[2]) not in ignored]
+                nxt: List[Tuple[int, List[str]]] = []
+                for info, dfd, parts in found:
+                    if len(entries) >= limit:
+                        truncated = True
+                        break
+                    entries.append(info)
+                    if info["type"] == "dir" and depth + 1 < args["depth"]:
+                        try:
+                            nxt.append((os.open(parts[-1], DIR_FLAGS, dir_fd=dfd), parts))
+                        except OSError:
+                            pass
+                for dfd, _ in level:
+                    if dfd != fd:
+                        os.close(dfd)
+                level = nxt
+                if truncated or not level:
+                    break
+        finally:
+            for dfd, _ in level:
+                if dfd != fd:
+                    os.close(dfd)
+            os.close(fd)
+        entries.sort(key=lambda e: e["path"])
+        return {"path": rel(base), "entries": entries, "truncated": truncated}
+
+    @staticmethod
+    def _entry(entry: os.DirEntry[str], parts: List[str]) -> Dict[str, Any]:
+        st = entry.stat(follow_symlinks=False)
+        kind = ("dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode)
+                else "symlink" if stat.S_ISLNK(st.st_mode) else "other")
+        info: Dict[str, Any] = {"path": rel(parts), "type": kind}
+        if kind == "file":
+            info["size"] = st.st_size
+        return info
+
+    def tool_read_file(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        data, parts = self.guard.read(call.root, args["path"], self.limits["read_bytes"])
+        text = self._text(data, parts)
+        lines = text.splitlines(keepends=True)
+        start = args["start_line"]
+        if start > max(len(lines), 1):
+            raise PatchbayError("start_line %d is past the end: %s has %d lines"
+                                % (start, rel(parts), len(lines)))
+        budget = self.limits["text_chars"]
+        chunk: List[str] = []
+        used = 0
+        truncated = False
+        end = start - 1
+        for line in lines[start - 1: start - 1 + args["max_lines"]]:
+            if used + len(line) > budget:
+                if not chunk:  # one huge line: return its head so the caller sees something
+                    chunk.append(line[:budget])
+                    end += 1
+                truncated = True
+                break
+            chunk.append(line)
+            used += len(line)
+            end += 1
+        return {"path": rel(parts), "text": "".join(chunk), "start_line": start,
+                "end_line": end, "total_lines": len(lines),
+                "next_start_line": end + 1 if end < len(lines) else None,
+                "sha256": hashlib.sha256(data).hexdigest(), "truncated": truncated}
+
+    def tool_search(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        root = call.root
+        base = self.guard.split(root, args["path"], allow_root=True)
+        self.guard.check(root, base)
+        limit = args["max_results"]
+        results: List[Dict[str, Any]] = []
+        truncated = False
+        for backend, hits in self._search_backends(call, root, base, args):
+            for path, line, text in hits:
+                parts = path.split("/")
+                if not self.guard.visible(root, parts) or not self._glob_ok(args["glob"], path):
+                    continue
+                if len(results) >= limit:
+                    truncated = True
+                    break
+                ref = "%s:%d" % (path, line)
+                results.append({"id": ref, "title": ref, "url": self._url(root, path, line),
+                                "path": path, "line": line, "snippet": text.strip()[:300]})
+            return {"results": results, "truncated": truncated, "backend": backend}
+        raise PatchbayError("no search backend available", "UNAVAILABLE")  # pragma: no cover
+
+    @staticmethod
+    def _glob_ok(glob: Optional[str], path: str) -> bool:
+        if not glob:
+            return True
+        target = path if "/" in glob else path.rsplit("/", 1)[-1]
+        return fnmatch.fnmatchcase(target, glob)
+
+    def _search_backends(self, call: CallContext, root: Root, base: List[str],
+                         args: Dict[str, Any]) -> Iterator[Tuple[str, Iterator[Hit]]]:
+        """rg, then git grep, then Python. The query always follows -e, paths follow --."""
+        cwd = root.current_path()
+        target = rel(base)
+        timeout = self.limits["search_timeout_s"]
+        if self.rg:
+            argv = [self.rg, "--no-config", "--no-messages", "--null", "--line-number",
+                    "--with-filename", "--no-heading", "--color=never", "--max-columns=400",
+                    "--max-columns-preview", "--max-filesize=8M"]
+            argv += ["--fixed-strings"] if not args["regex"] else []
+            argv += ["--case-sensitive"] if args["case_sensitive"] else ["--ignore-case"]
+            if args["glob"]:
+                argv.append("--glob=" + args["glob"])
+            argv += ["-e", args["query"], "--", target]
+            yield "rg", self._parse_hits(
+                stream_records(argv, cwd, child_env(), timeout, call.cancel), rg=True)
+            return
+        if self.git.repo_state(cwd) is None:
+            argv = self.git.argv(["grep", "-n", "-z", "-I", "--no-color", "--untracked",
+                                  "-E" if args["regex"] else "-F"])
+            argv += [] if args["case_sensitive"] else ["-i"]
+            argv += ["-e", args["query"], "--", ":(literal)" + target if base else "."]
+            yield "git", self._parse_hits(
+                stream_records(argv, cwd, self.git.env, timeout, call.cancel), rg=False)
+            return
+        yield "python", self._python_search(call, root, base, args, time.monotonic() + timeout)
+
+    @staticmethod
+    def _parse_hits(lines: Iterator[bytes], rg: bool) -> Iterator[Hit]:
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            path, _, rest = line.partition("\0")
+            num, _, text = rest.partition(":" if rg else "\0")
+            if path.startswith("./"):
+                path = path[2:]
+            if num.isdigit():
+                yield path, int(num), text
+
+    def _python_search(self, call: CallContext, root: Root, base: List[str],
+                       args: Dict[str, Any], deadline: float) -> Iterator[Hit]:
+        flags = 0 if args["case_sensitive"] else re.IGNORECASE
+        try:
+            pattern = re.compile(args["query"] if args["regex"] else re.escape(args["query"]),
+                                 flags)
+        except re.error as exc:
+            raise PatchbayError("query is not a valid regular expression: %s" % exc) from None
+        stack = [base]
+        while stack:
+            parts = stack.pop()
+            try:
+                fd, parts = self.guard.walk(root, parts, whole=True)
+            except PatchbayError:
+                continue
+            try:
+                entries = sorted(os.scandir(fd), key=lambda e: e.name, reverse=True)
+            finally:
+                os.close(fd)
+            for entry in entries:
+                if time.monotonic() > deadline or call.cancel.is_set():
+                    return
+                child = parts + [entry.name]
+                if entry.name.startswith(".") or not self.guard.visible(root, child):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(child)
+                elif entry.is_file(follow_symlinks=False):
+                    try:
+                        data, _ = self.guard.read(root, rel(child), 2 * 1024 * 1024)
+                    except PatchbayError:
+                        continue
+                    if b"\0" in data[:8192]:
+                        continue
+                    for n, text in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+                        if pattern.search(text):
+                            yield rel(child), n, text
+
+    def tool_fetch(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        ref = args["id"]
+        path, line = ref, None
+        m = re.fullmatch(r"(.+):(\d+)", ref)
+        if m:
+            path, line = m.group(1), int(m.group(2))
+        data, parts = self.guard.read(call.root, path, self.limits["read_bytes"])
+        text, cut = cap_text(self._text(data, parts), self.limits["text_chars"])
+        return {"id": ref, "title": rel(parts), "text": text,
+                "url": self._url(call.root, rel(parts), line),
+                "metadata": {"path": rel(parts), "line": line, "workspace": call.root.name,
+                             "sha256": hashlib.sha256(data).hexdigest(),
+                             "total_lines": text.count("\n") + (not text.endswith("\n")),
+                             "truncated": cut}}
+
+    def tool_changes(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        root = call.root
+        cwd = root.current_path()
+        self.git.require(cwd)
+        prefix: List[str] = []
+        if args["path"]:
+            prefix = self.guard.split(root, args["path"], allow_root=True)
+            self.guard.check(root, prefix)
+        st = self.git.status(cwd)
+        files = [f for f in st["files"] if self.guard.visible(root, f["path"].split("/"))
+                 and f["path"].split("/")[: len(prefix)] == prefix]
+        col = "index" if args["staged"] else "worktree"
+        changed = [f["path"] for f in files if f[col] not in ".?"]
+        diff = b""
+        if changed:
+            diff = self.git.run(cwd, ["diff", "--no-ext-diff", "--no-textconv", "--no-color"]
+                                + (["--cached"] if args["staged"] else [])
+                                + ["--"] + [":(literal)" + p for p in changed[:2000]])
+        text, cut = cap_text(diff.decode("utf-8", "replace"),
+                             min(args["max_bytes"], self.limits["text_chars"]))
+        hidden = len(st["files"]) - len(files) if not prefix else None
+        out = {"branch": st["branch"], "head": st["head"], "staged": args["staged"],
+               "files": files, "diff": text, "truncated": cut}
+        if hidden:
+            out["hidden_blocked"] = hidden
+        return out
+
+
+def _p_path(desc: str = "Path relative to the workspace root.", default: Any = REQUIRED) -> Param:
+    return Param("string", desc, default, max_length=4096)
+
+
+# The declaration list: name, group, summary, parameters, annotations. Order is the order
+# clients see. Descriptions stay one or two sentences (the whole list must fit ChatGPT's
+# 5,000-token budget for an app).
+TOOL_SPECS: List[Tuple[str, str, str, Dict[str, Param], Dict[str, bool]]] = [
+    ("workspace", "context",
+     "Show the active workspace: git branch, HEAD, dirty counts, the start of AGENTS.md, "
+     "registered workspaces and enabled tools.", {}, {"read_only": True}),
+    ("switch_workspace", "context",
+     "Select another registered workspace for the following calls.",
+     {"name": Param("string", "Workspace name from `workspace`.", max_length=200)},
+     {"read_only": True}),
+    ("list_files", "context",
+     "List files and directories with type and size, honouring .gitignore.",
+     {"path": _p_path("Directory relative to the workspace root.", "."),
+      "depth": Param("integer", "How many levels to descend.", 2, minimum=1, maximum=10),
+      "include_hidden": Param("boolean", "Include dot-files.", False),
+      "max_entries": Param("integer", "Most entries to return.", 500, minimum=1,
+                           maximum=5000)},
+     {"read_only": True}),
+    ("read_file", "context",
+     "Read a UTF-8 text file by line range; returns sha256 of the whole file for later edits.",
+     {"path": _p_path(),
+      "start_line": Param("integer", "First line, 1-based.", 1, minimum=1),
+      "max_lines": Param("integer", "Most lines to return.", 400, minimum=1, maximum=20000)},
+     {"read_only": True}),
+    ("search", "context",
+     "Search file contents (literal by default) and return matching lines as path:LINE ids "
+     "for fetch.",
+     {"query": Param("string", "Text (or regex with regex=true) to find.", max_length=1000),
+      "path": _p_path("Directory or file to search in.", "."),
+      "glob": Param("string", "Only files whose name matches, e.g. *.py.", None,
+                    max_length=200, nullable=True),
+      "regex": Param("boolean", "Treat query as a regular expression.", False),
+      "case_sensitive": Param("boolean", "Match case exactly.", False),
+      "max_results": Param("integer", "Most matches to return.", 100, minimum=1,
+                           maximum=1000)},
+     {"read_only": True}),
+    ("fetch", "context",
+     "Fetch the full text of a file by a search result id (path:LINE) or a path.",
+     {"id": Param("string", "An id from search, or a workspace-relative path.",
+                  max_length=4200)},
+     {"read_only": True}),
+    ("changes", "context",
+     "Show git status and the diff of uncommitted changes in the workspace.",
+     {"path": Param("string", "Limit to this directory or file.", None, max_length=4096,
+                    nullable=True),
+      "staged": Param("boolean", "Show the staged diff instead of the unstaged one.", False),
+      "max_bytes": Param("integer", "Most characters of diff to return.", 60000, minimum=1,
+                         maximum=100000)},
+     {"read_only": True}),
+]
+
+
+def build_registry(bench: Workbench) -> ToolRegistry:
+    tools = []
+    for name, group, summary, params, ann in TOOL_SPECS:
+        tools.append(Tool(name, group, summary, params, getattr(bench, "tool_" + name),
+                          read_only=ann["read_only"],
+                          destructive=ann.get("destructive", False),
+                          idempotent=ann.get("idempotent", True),
+                          open_world=ann.get("open_world", False)))
+    return ToolRegistry(tools)
+
+
+class Audit:
+    """`runtime/audit.jsonl`: one redacted line per authorised call; rotated at a size cap."""
+
+    BULKY = ("content", "patch", "old_text", "new_text", "brief", "message", "prompt")
+
+    def __init__(self, home: str, redactor: Redactor, cap: int) -> None:
+        self.dir = os.path.join(home, "runtime")
+        self.path = os.path.join(self.dir, "audit.jsonl")
+        self.redactor, self.cap = redactor, cap
+        self._lock = threading.Lock()
+
+    def summary(self, args: Any) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for key, value in (args.items() if isinstance(args, dict) else []):
+            if key in self.BULKY and isinstance(value, str):
+                out[key] = "<%d chars>" % len(value)
+            elif isinstance(value, str):
+                out[key] = value[:120]
+            elif isinstance(value, (int, float, bool)) or value is None:
+                out[key] = value
+            else:
+                out[key] = "<%s>" % type(value).__name__
+        return out
+
+    def record(self, door: str, tool: str, args: Any, outcome: str, ms: float) -> None:
+        line = self.redactor(dumps({"ts": iso(), "door": door, "tool": tool,
+                                    "args": self.summary(args), "outcome": outcome,
+                                    "ms": round(ms, 1)})) + "\n"
+        with self._lock:
+            try:
+                private_dir(self.dir)
+                try:
+                    if os.path.getsize(self.path) > self.cap:
+                        os.replace(self.path, self.path + ".1")
+                except FileNotFoundError:
+                    pass
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                             0o600)
+                with os.fdopen(fd, "a", encoding="utf-8") as f:
+                    f.write(line)
+            except OSError as exc:  # auditing must not take the server down
+                log.warning("audit log not written: %s", exc)
+
+
+class Dispatcher:
+    """Runs one tool call for either front door: validate, run, cap, audit."""
+
+    def __init__(self, cfg: Config, bench: Workbench, registry: ToolRegistry,
+                 audit: Audit) -> None:
+        self.cfg, self.bench, self.audit = cfg, bench, audit
+        self.tools = {t.name: t for t in cfg.enabled_tools(registry)}
+        bench.enabled = list(self.tools)
+
+    def call(self, name: str, args: Any, ctx: CallContext) -> Tuple[Dict[str, Any], bool]:
+        """Return (result, is_error). Unknown tools raise KeyError for the caller to map."""
+        tool = self.tools[name]
+        started = time.monotonic()
+        outcome = "ok"
+        try:
+            clean = tool.validate(args)
+            ctx.root = self.bench.workspaces.get(ctx.choice.get())
+            result = tool.handler(ctx, clean)
+            if len(dumps(result)) > self.cfg.limits["result_chars"]:
+                raise PatchbayError("the result is larger than %d characters; narrow the "
+                                    "request" % self.cfg.limits["result_chars"], "TOO_LARGE")
+            return result, False
+        except PatchbayError as exc:
+            outcome = exc.code
+            return exc.to_json(), True
+        except OSError as exc:
+            outcome = "OS_ERROR"
+            return {"error": "OS_ERROR", "message": "%s: %s" % (
+                type(exc).__name__, exc.strerror or "operating system error")}, True
+        finally:
+            self.audit.record(ctx.door, name, args, outcome, (time.monotonic() - started) * 1000)
+
+
+# =======================================================================================
+# §8 MCP: JSON-RPC methods, sessions, stdio
+# =======================================================================================
+
+def rpc_error(msg_id: Any, code: int, message: str, data: Any = None) -> Dict[str, Any]:
+    err: Dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        err["data"] = data
+    return {"jsonrpc": "2.0", "id": msg_id, "error": err}
+
+
+class McpSession:
+    """A client's MCP session: bound to the credential that created it (a session id is
+    never a credential on its own), with its own workspace choice and in-flight calls."""
+
+    def __init__(self, cred: str, version: str) -> None:
+        self.id = secrets.token_urlsafe(24)  # 192 bits, visible ASCII
+        self.cred = cred
+        self.version = version
+        self.choice = WorkspaceChoice()
+        self.last_used = time.monotonic()
+        self.inflight: Dict[Any, threading.Event] = {}
+
+
+class McpSessions:
+    def __init__(self, cap: int, idle_s: int) -> None:
+        self.cap, self.idle_s = cap, idle_s
+        self._by_id: Dict[str, McpSession] = {}
+        self._lock = threading.Lock()
+
+    def create(self, cred: str, version: str) -> McpSession:
+        session = McpSession(cred, version)
+        with self._lock:
+            self._expire()
+            while len(self._by_id) >= self.cap:  # evict the longest idle, never refuse
+                oldest = min(self._by_id.values(), key=lambda s: s.last_used)
+                del self._by_id[oldest.id]
+            self._by_id[session.id] = session
+        return session
+
+    def get(self, sid: str, cred: str) -> Optional[McpSession]:
+        with self._lock:
+            self._expire()
+            session = self._by_id.get(sid)
+            # Another credential gets the same answer as an unknown id: no oracle.
+            if session is None or not hmac.compare_digest(session.cred, cred):
+                return None
+            session.last_used = time.monotonic()
+            return session
+
+    def delete(self, sid: str, cred: str) -> bool:
+        if self.get(sid, cred) is None:
+            return False
+        with self._lock:
+            return self._by_id.pop(sid, None) is not None
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - self.idle_s
+        for sid in [s.id for s in self._by_id.values() if s.last_used < cutoff]:
+            del self._by_id[sid]
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+
+class McpEndpoint:
+    """The MCP methods, independent of the wire (HTTP or stdio)."""
+
+    INSTRUCTIONS = ("PatchBay exposes one local git workspace at a time. Paths are relative "
+                    "to the workspace root. Start with `workspace`, find code with `search` "
+                    "and read it with `read_file`.")
+
+    def __init__(self, dispatcher: Dispatcher, door: str) -> None:
+        self.dispatcher = dispatcher
+        self.door = door
+        self._tools_list = {"tools": [t.mcp() for t in dispatcher.tools.values()]}
+
+    def initialize(self, msg: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[str]]:
+        """Answer initialize; return (response, negotiated version or None on error)."""
+        msg_id = msg.get("id")
+        params = msg.get("params")
+        if not isinstance(params, dict) or not isinstance(params.get("protocolVersion"), str):
+            return rpc_error(msg_id, INVALID_PARAMS, "initialize needs protocolVersion"), None
+        asked = params["protocolVersion"]
+        version = asked if asked in MCP_VERSIONS else MCP_VERSIONS[0]
+        result = {"protocolVersion": version,
+                  "capabilities": {"tools": {"listChanged": False}},
+                  "serverInfo": {"name": NAME, "version": __version__},
+                  "instructions": self.INSTRUCTIONS}
+        return {"jsonrpc": "2.0", "id": msg_id, "result": result}, version
+
+    def handle(self, msg: Any, session: McpSession) -> Optional[Dict[str, Any]]:
+        """One JSON-RPC message; None when nothing is to be sent back (notifications)."""
+        if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
+            return rpc_error(None, INVALID_REQUEST, "not a JSON-RPC 2.0 message")
+        method = msg.get("method")
+        if method is None and ("result" in msg or "error" in msg):
+            return None  # a response to a request we never send
+        msg_id = msg.get("id")
+        is_request = "id" in msg
+        if not isinstance(method, str) or (is_request and (
+                isinstance(msg_id, bool) or not isinstance(msg_id, (str, int)))):
+            return rpc_error(msg_id if isinstance(msg_id, (str, int)) else None,
+                             INVALID_REQUEST, "invalid JSON-RPC request")
+        params = msg.get("params", {})
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            if not is_request:
+                return None
+            return rpc_error(msg_id, INVALID_PARAMS, "params must be an object")
+        if not is_request:
+            if method == "notifications/cancelled":
+                event = session.inflight.get(params.get("requestId"))
+                if event is not None:
+                    event.set()
+            return None
+        if method == "initialize":
+            return rpc_error(msg_id, INVALID_REQUEST, "this session is already initialized")
+        if method == "ping":
+            return {"jsonrpc": "2.0", "id": msg_id, "result": {}}
+        if method == "tools/list":
+            if params.get("cursor") is not None:
+                return rpc_error(msg_id, INVALID_PARAMS, "unknown cursor: the list has one page")
+            return {"jsonrpc": "2.0", "id": msg_id, "result": self._tools_list}
+        if method == "tools/call":
+            return self._call(msg_id, params, session)
+        return rpc_error(msg_id, METHOD_NOT_FOUND, "method not found: %s" % method[:100])
+
+    def _call(self, msg_id: Any, params: Dict[str, Any], session: McpSession) -> Dict[str, Any]:
+        name = params.get("name")
+        if not isinstance(name, str) or name not in self.dispatcher.tools:
+            return rpc_error(msg_id, INVALID_PARAMS, "Unknown tool: %s" % str(name)[:100])
+        cancel = threading.Event()
+        session.inflight[msg_id] = cancel
+        try:
+            result, is_error = self.dispatcher.call(
+                name, params.get("arguments"), CallContext(self.door, session.choice, cancel))
+        finally:
+            session.inflight.pop(msg_id, None)
+        return {"jsonrpc": "2.0", "id": msg_id, "result": {
+            "content": [{"type": "text", "text": dumps(result)}],
+            "structuredContent": result, "isError": is_error}}
+
+
+def serve_stdio(endpoint: McpEndpoint, stdin: Any, stdout: Any) -> int:
+    """MCP over newline-delimited JSON on stdin/stdout (one implicit session)."""
+    session: Optional[McpSession] = None
+
+    def send(obj: Any) -> None:
+        stdout.write((dumps(obj) + "\n").encode("utf-8"))
+        stdout.flush()
+
+    for raw in stdin:
+        if not raw.strip():
+            continue
+        try:
+            msg = loads_strict(raw)
+        except PatchbayError as exc:
+            send(rpc_error(None, PARSE_ERROR, exc.message))
+            continue
+        if isinstance(msg, dict) and msg.get("method") == "initialize" and "id" in msg:
+            first, version = endpoint.initialize(msg)
+            if version:
+                session = McpSession("", version)
+            send(first)
+            continue
+        if session is None:
+            if isinstance(msg, dict) and "id" in msg:
+                send(rpc_error(msg.get("id"), INVALID_REQUEST, "send initialize first"))
+            continue
+        if isinstance(msg, list):
+            if session.version not in MCP_BATCH_VERSIONS or not msg:
+                send(rpc_error(None, INVALID_REQUEST, "batches are not allowed in %s"
+                               % session.version))
+                continue
+            replies = [r for r in (endpoint.handle(m, session) for m in msg) if r]
+            if replies:
+                send(replies)
+            continue
+        reply = endpoint.handle(msg, session)
+        if reply is not None:
+            send(reply)
+    return 0
+
+
+# =======================================================================================
+# §9 OpenAPI and Actions
+# =======================================================================================
+
+def build_openapi(tools: List[Tool], server_url: str) -> Dict[str, Any]:
+    """OpenAPI 3.1 for custom-GPT Actions, from the same registry as MCP."""
+    error_ref = {"$ref": "#/components/schemas/Error"}
+    paths: Dict[str, Any] = {}
+    for tool in tools:
+        paths["/actions/" + tool.name] = {"post": {
+            "operationId": tool.name,
+            "summary": tool.summary[:300],
+            # true: ChatGPT asks every time; false: it may offer "Always allow".
+            "x-openai-isConsequential": not tool.read_only,
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": tool.input_schema()}}},
+            "responses": {
+                "200": {"description": "The tool's result.",
+                        "content": {"application/json": {"schema": {"type": "object"}}}},
+                "4XX": {"description": "The call failed; `error` is a machine code.",
+                        "content": {"application/json": {"schema": error_ref}}}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "PatchBay", "version": __version__,
+                 "description": "Read, search and change a local git workspace."},
+        "servers": [{"url": server_url}],
+        "paths": paths,
+        "components": {
+            "schemas": {"Error": {"type": "object", "required": ["error", "message"],
+                                  "properties": {"error": {"type": "string"},
+                                                 "message": {"type": "string"}}}},
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearerAuth": []}],
+    }
+
+
+PRIVACY = """PatchBay privacy statement
+
+PatchBay runs on the computer of the person who started it. Requests sent to it read,
+search or change files in the workspaces that person chose, and their results go back
+only to the caller that sent the request. PatchBay itself sends nothing to any third
+party, keeps no analytics, and stores on that computer only an audit log of calls (tool
+names and short argument summaries, never file contents or tokens) under its home
+directory. Whoever runs it is responsible for what it exposes and to whom.
+"""
+
+
+# =======================================================================================
+# §10 HTTP server: thin wire layer; limits, auth, routing, errors -> statuses
+# =======================================================================================
+
+class HttpError(Exception):
+    def __init__(self, status: int, body: Any, headers: Tuple[Tuple[str, str], ...] = (),
+                 close: bool = False) -> None:
+        super().__init__(status)
+        self.status, self.body, self.headers, self.close = status, body, headers, close
+
+
+UNAUTHORIZED = HttpError(401, {"error": "unauthorized",
+                               "message": "a valid bearer token is required"},
+                         (("WWW-Authenticate", 'Bearer realm="patchbay"'),))
+
+
+class App:
+    """Everything one server (or stdio session) shares, built once from a Config."""
+
+    def __init__(self, cfg: Config, static_token: Optional[str] = None) -> None:
+        self.cfg = cfg
+        self.redactor = Redactor()
+        self.channel = Channel(cfg.home)
+        if cfg.roots:
+            entries = Workspaces.from_paths(cfg.roots)
+        else:
+            entries = list((self.channel.load().get("workspaces") or {}).items())
+        self.workspaces = Workspaces(entries)
+        active = self.channel.load().get("active_workspace")
+        if not cfg.roots and active in self.workspaces.roots:
+            self.workspaces.default = active
+        self.guard = PathGuard(cfg.blocked_globs, protected=(cfg.home,))
+        self.git = Git()
+        self.bench = Workbench(cfg, self.workspaces, self.guard, self.git, self.channel)
+        self.registry = build_registry(self.bench)
+        self.audit = Audit(cfg.home, self.redactor, cfg.limits["audit_bytes"])
+        self.dispatcher = Dispatcher(cfg, self.bench, self.registry, self.audit)
+        self.access = Access(cfg, self.channel, static_token, self.redactor)
+        self.sessions = McpSessions(cfg.limits["max_sessions"], cfg.limits["session_idle_s"])
+        self.local_url = ""
+        self._openapi: Dict[str, bytes] = {}
+
+    def openapi(self) -> bytes:
+        url = self.access.public_url() or self.local_url.rstrip("/")
+        if url not in self._openapi:
+            self._openapi[url] = dumps(
+                build_openapi(list(self.dispatcher.tools.values()), url)).encode()
+        return self._openapi[url]
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = NAME
+    sys_version = ""
+    disable_nagle_algorithm = True  # else delayed ACKs add ~40 ms per kept-alive response
+    server: Server
+
+    def setup(self) -> None:
+        self.connection_timeout = self.server.app.cfg.limits["request_timeout_s"]
+        super().setup()
+        self.connection.settimeout(self.connection_timeout)
+
+    # Every method goes through one router, so no verb escapes the checks.
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def do_DELETE(self) -> None:
+        self._route("DELETE")
+
+    def do_OPTIONS(self) -> None:
+        self._route("OPTIONS")
+
+    def do_PUT(self) -> None:
+        self._route("PUT")
+
+    def do_PATCH(self) -> None:
+        self._route("PATCH")
+
+    def do_HEAD(self) -> None:
+        self._route("HEAD")
+
+    def _route(self, method: str) -> None:
+        self._t0 = time.monotonic()
+        try:
+            self._dispatch(method)
+        except HttpError as exc:
+            self._send_json(exc.status, exc.body, exc.headers, close=exc.close)
+        except (TimeoutError, BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception:  # a bug: answer with an id, log the details, keep serving
+            err_id = secrets.token_hex(4)
+            log.error("internal error %s on %s %s\n%s", err_id, method, self._log_path(),
+                      self.server.app.redactor(traceback.format_exc()))
+            try:
+                self._send_json(500, {"error": "INTERNAL", "message": "internal error; the "
+                                      "server log has details", "error_id": err_id}, close=True)
+            except OSError:
+                self.close_connection = True
+
+    def _dispatch(self, method: str) -> None:
+        app = self.server.app
+        url = urllib.parse.urlsplit(self.path)
+        path = url.path
+        if not app.access.host_ok(self.headers.get("Host")):
+            raise HttpError(421, {"error": "misdirected", "message": "Host header not allowed; "
+                                  "add it with --allow-host if it is yours"})
+        origin = self.headers.get("Origin")
+        if not app.access.origin_ok(origin):
+            raise HttpError(403, {"error": "forbidden_origin", "message": "Origin not allowed"})
+        if method == "OPTIONS":
+            if origin and app.access.cors_origin(origin):
+                self._send(204, b"", headers=(
+                    ("Access-Control-Allow-Methods", "GET, POST, DELETE"),
+                    ("Access-Control-Allow-Headers", "Authorization, Content-Type, Accept, "
+                     "Mcp-Session-Id, MCP-Protocol-Version"),
+                    ("Access-Control-Max-Age", "600")))
+                return
+            raise HttpError(405, {"error": "method_not_allowed", "message": "no CORS here"})
+        if method == "GET" and path in ("/health", "/openapi.json", "/privacy"):
+            if path == "/health":
+                self._send_json(200, {"ok": True, "name": NAME, "version": __version__})
+            elif path == "/openapi.json":
+                self._send(200, app.openapi())
+            else:
+                self._send(200, PRIVACY.encode(), ctype="text/plain; charset=utf-8")
+            return
+        if path.startswith("/.well-known/"):
+            raise HttpError(404, {"error": "not_found", "message": "no OAuth here; use the "
+                                  "bearer token"})
+        cred = self._credential(url.query)
+        if cred is None:
+            raise UNAUTHORIZED
+        if app.access.expired():
+            raise HttpError(403, {"error": "access_expired", "message": "access has expired; "
+                                  "renew it to continue"})
+        if path in ("/mcp", "/mcp/"):
+            if method == "POST":
+                self._mcp_post(cred)
+            elif method == "DELETE":
+                self._mcp_delete(cred)
+            else:
+                raise HttpError(405, {"error": "method_not_allowed", "message":
+                                      "use POST (this server opens no SSE stream)"},
+                                (("Allow", "POST, DELETE"),))
+            return
+        if path.startswith("/actions/") and method == "POST":
+            self._action(path[len("/actions/"):])
+            return
+        raise HttpError(404, {"error": "not_found", "message": "no such route"})
+
+    # -- pieces ------------------------------------------------------------------------
+    def _credential(self, query: str) -> Optional[str]:
+        headers = self.headers.get_all("Authorization") or []
+        if len(headers) > 1:
+            return None
+        tokens = urllib.parse.parse_qs(query, keep_blank_values=True).get(QUERY_TOKEN, [])
+        if len(tokens) > 1:
+            return None
+        return self.server.app.access.credential(headers[0] if headers else None,
+                                                 tokens[0] if tokens else None)
+
+    def _body(self, need_json: bool = True) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            raise HttpError(411, {"error": "length_required", "message":
+                                  "send a Content-Length body, not chunked"}, close=True)
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1 or (lengths and not (lengths[0].isascii() and lengths[0].isdigit())):
+            raise HttpError(400, {"error": "bad_request", "message": "bad Content-Length"},
+                            close=True)
+        size = int(lengths[0]) if lengths else 0
+        cap = self.server.app.cfg.limits["body_bytes"]
+        if size > cap:
+            raise HttpError(413, {"error": "TOO_LARGE", "message": "request body is over %d "
+                                  "bytes" % cap}, close=True)
+        if need_json and size:
+            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if ctype != "application/json":  # also stops cross-site text/plain form posts
+                raise HttpError(415, {"error": "unsupported_media_type",
+                                      "message": "Content-Type must be application/json"},
+                                close=True)
+        deadline = time.monotonic() + self.server.app.cfg.limits["request_timeout_s"]
+        chunks, got = [], 0
+        while got < size:
+            if time.monotonic() > deadline:
+                raise HttpError(408, {"error": "timeout", "message": "body too slow"}, close=True)
+            chunk = self.rfile.read(min(65536, size - got))
+            if not chunk:
+                raise HttpError(400, {"error": "bad_request", "message": "body ended early"},
+                                close=True)
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    def _mcp_post(self, cred: str) -> None:
+        app = self.server.app
+        accept = (self.headers.get("Accept") or "*/*").lower()
+        if not any(a in accept for a in ("application/json", "*/*", "application/*")):
+            raise HttpError(406, rpc_error(None, INVALID_REQUEST,
+                                           "Accept must include application/json"))
+        body = self._body()
+        if not body:
+            raise HttpError(400, rpc_error(None, PARSE_ERROR, "empty body"))
+        try:
+            msg = loads_strict(body)
+        except PatchbayError as exc:
+            raise HttpError(400, rpc_error(None, PARSE_ERROR, exc.message)) from None
+        version_header = self.headers.get("MCP-Protocol-Version")
+        if version_header is not None and version_header not in MCP_VERSIONS:
+            raise HttpError(400, rpc_error(None, INVALID_REQUEST, "Unsupported protocol version",
+                                           {"supported": list(MCP_VERSIONS),
+                                            "requested": version_header[:40]}))
+        endpoint = self.server.mcp
+        if isinstance(msg, dict) and msg.get("method") == "initialize" and "id" in msg:
+            first, version = endpoint.initialize(msg)
+            headers: Tuple[Tuple[str, str], ...] = ()
+            if version:
+                headers = (("Mcp-Session-Id", app.sessions.create(cred, version).id),)
+            self._send_json(200, first, headers)
+            return
+        sid = self.headers.get("Mcp-Session-Id")
+        if not sid:
+            raise HttpError(400, rpc_error(None, INVALID_REQUEST,
+                                           "Mcp-Session-Id header required; send initialize"))
+        session = app.sessions.get(sid, cred)
+        if session is None:
+            raise HttpError(404, rpc_error(None, INVALID_REQUEST, "Session not found"))
+        if isinstance(msg, list):
+            if session.version not in MCP_BATCH_VERSIONS or not msg:
+                raise HttpError(400, rpc_error(None, INVALID_REQUEST,
+                                               "batches are not allowed in %s" % session.version))
+            replies = [r for r in (endpoint.handle(m, session) for m in msg) if r is not None]
+            if replies:
+                self._send_json(200, replies)
+            else:
+                self._send(202, b"", ctype="")
+            return
+        reply = endpoint.handle(msg, session)
+        if reply is None:
+            self._send(202, b"", ctype="")
+        else:
+            self._send_json(200, reply)
+
+    def _mcp_delete(self, cred: str) -> None:
+        sid = self.headers.get("Mcp-Session-Id")
+        if not sid:
+            raise HttpError(400, rpc_error(None, INVALID_REQUEST, "Mcp-Session-Id header required"))
+        if not self.server.app.sessions.delete(sid, cred):
+            raise HttpError(404, rpc_error(None, INVALID_REQUEST, "Session not found"))
+        self._send(204, b"", ctype="")
+
+    def _action(self, name: str) -> None:
+        app = self.server.app
+        if name not in app.dispatcher.tools:
+            raise HttpError(404, {"error": "NOT_FOUND", "message": "no tool named %r in this "
+                                  "profile" % name[:100]})
+        body = self._body()
+        try:
+            args = loads_strict(body) if body.strip() else {}
+        except PatchbayError as exc:
+            raise HttpError(400, exc.to_json()) from None
+        ctx = CallContext("actions", WorkspaceChoice(app.channel))
+        result, is_error = app.dispatcher.call(name, args, ctx)
+        self._send_json(ERROR_STATUS.get(result.get("error", ""), 400) if is_error else 200,
+                        result)
+
+    # -- writing -----------------------------------------------------------------------
+    def _send_json(self, status: int, obj: Any, headers: Tuple[Tuple[str, str], ...] = (),
+                   close: bool = False) -> None:
+        self._send(status, dumps(obj).encode("utf-8"), headers=headers, close=close)
+
+    def _send(self, status: int, body: bytes, ctype: str = "application/json",
+              headers: Tuple[Tuple[str, str], ...] = (), close: bool = False) -> None:
+        """Write status, headers and body in one send (one segment for small answers)."""
+        lines = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
+                 "Server: " + NAME, "Cache-Control: no-store", "X-Content-Type-Options: nosniff"]
+        if ctype:
+            lines.append("Content-Type: " + ctype)
+        if status != 204:
+            lines.append("Content-Length: %d" % len(body))
+        origin = self.headers.get("Origin") if self.headers else None
+        if origin and self.server.app.access.cors_origin(origin):
+            lines += ["Access-Control-Allow-Origin: " + origin.rstrip("/"), "Vary: Origin",
+                      "Access-Control-Expose-Headers: Mcp-Session-Id"]
+        lines += ["%s: %s" % h for h in headers]
+        if close or self.close_connection:
+            lines.append("Connection: close")
+            self.close_connection = True
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head + (b"" if self.command == "HEAD" else body))
+        self._log_access(status, len(body))
+
+    def _log_path(self) -> str:
+        return urllib.parse.urlsplit(getattr(self, "path", "") or "").path[:200]
+
+    def _log_access(self, status: int, size: int) -> None:
+        if log.isEnabledFor(logging.INFO):  # the query string (maybe a token) is never logged
+            log.info("%s %s %s %d %d %.1fms", self.client_address[0], self.command,
+                     self._log_path(), status, size, (time.monotonic() - self._t0) * 1000)
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        pass  # the stdlib would log the raw request line, query token and all
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.info("%s", self.server.app.redactor(format % args))
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """Threads per connection, capped: over the cap a connection gets 503 at once."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+    def __init__(self, addr: Tuple[str, int], app: App) -> None:
+        self.app = app
+        self.mcp = McpEndpoint(app.dispatcher, "mcp")
+        self.slots = threading.BoundedSemaphore(app.cfg.limits["max_connections"])
+        if ":" in addr[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(addr, Handler)
+        app.access.port = self.server_address[1]
+        host = addr[0] if ":" not in addr[0] else "[%s]" % addr[0]
+        app.local_url = "http://%s:%d/" % (host, app.access.port)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                b"Retry-After: 1\r\nConnection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.warning("connection error from %s: %s", client_address[0],
+                    self.app.redactor(repr(sys.exc_info()[1]))[:300])
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    import ipaddress  # only serve needs it
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# =======================================================================================
+# §11 CLI: one COMMANDS table, cmd_<name>(args) -> exit code
+# =======================================================================================
+
+def resolve_home(args: argparse.Namespace) -> str:
+    return os.path.abspath(os.path.expanduser(
+        args.home or os.environ.get(ENV_HOME) or os.path.join("~", ".patchbay")))
+
+
+def static_token(token_file: Optional[str]) -> Optional[str]:
+    """--token-file, then PATCHBAY_HTTP_TOKEN; None means 'use the channel's token'."""
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError("cannot read --token-file %s: %s" % (token_file, exc)) from None
+        if not token:
+            raise UsageError("--token-file %s is empty" % token_file)
+        return token
+    return os.environ.get(ENV_TOKEN) or None
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides: Dict[str, Any] = {"roots": [os.path.abspath(r) for r in args.root or []]}
+    for key in ("host", "port", "token_file", "ttl_minutes", "public_base_url"):
+        overrides[key] = getattr(args, key, None)
+    overrides["allow_hosts"] = getattr(args, "allow_host", None)
+    return Config.resolve(resolve_home(args), args.profile, overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    app = App(cfg, static_token(cfg.token_file))
+    if not is_loopback(cfg.host) and not app.access.token():
+        raise UsageError("serving on %s (beyond loopback) needs a token: pass --token-file FILE "
+                         "or set %s" % (cfg.host, ENV_TOKEN))
+    private_dir(cfg.home)
+    try:
+        server = Server((cfg.host, cfg.port), app)
+    except OSError as exc:
+        raise UsageError("cannot listen on %s:%d: %s (pick another --port, or 0 for any)"
+                         % (cfg.host, cfg.port, exc.strerror)) from None
+    if app.access.token() is None:
+        sys.stderr.write("patchbay: warning: no token set; anything on this machine can call "
+                         "this server. Pass --token-file or set %s to require one.\n" % ENV_TOKEN)
+
+    def stop(signum: int, frame: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    sys.stdout.write("patchbay listening on %s\n" % app.local_url)
+    sys.stdout.flush()
+    try:
+        server.serve_forever(poll_interval=0.25)
+    finally:
+        server.server_close()
+    return 0
+
+
+def cmd_stdio(args: argparse.Namespace) -> int:
+    app = App(config_from_args(args))
+    return serve_stdio(McpEndpoint(app.dispatcher, "stdio"), sys.stdin.buffer, sys.stdout.buffer)
+
+
+def args_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", action="append", metavar="DIR",
+                   help="workspace root (repeatable; the first is the default)")
+    p.add_argument("--profile", metavar="NAME|FILE",
+                   help="readonly, worker (default), power, full, or a .json/.yaml file")
+
+
+def args_serve(p: argparse.ArgumentParser) -> None:
+    args_common(p)
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
+    p.add_argument("--ttl-minutes", type=int, metavar="N", help="refuse calls after N minutes")
+    p.add_argument("--public-base-url", metavar="URL", help="public https URL (tunnel)")
+    p.add_argument("--allow-host", action="append", metavar="HOST",
+                   help="extra Host header value to accept (repeatable; host:* for any port)")
+
+
+COMMANDS: List[Tuple[str, Callable[[argparse.Namespace], int], str,
+                     Callable[[argparse.ArgumentParser], None]]] = [
+    ("serve", cmd_serve, "run the HTTP server (MCP at /mcp, Actions at /actions/<tool>)",
+     args_serve),
+    ("stdio", cmd_stdio, "speak MCP over stdin/stdout for local MCP hosts", args_common),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=NAME, description="Let ChatGPT and MCP clients work on local git repositories.")
+    parser.add_argument("--home", metavar="DIR",
+                        help="state directory (default $%s or ~/.patchbay)" % ENV_HOME)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log requests to stderr")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--version", action="version", version="%s %s" % (NAME, __version__))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, func, help_text, add_args in COMMANDS:
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(sp)
+        sp.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    logging.basicConfig(stream=sys.stderr, format="patchbay: %(message)s",
+                        level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        return int(args.func(args))
+    except PatchbayError as exc:
+        sys.stderr.write("patchbay: error: %s\n" % exc.message)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
