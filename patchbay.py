@@ -96,7 +96,7 @@ DEFAULT_LIMITS: Dict[str, int] = {
     "request_timeout_s": 20,            # per socket read: slow clients are dropped
     "max_sessions": 64,
     "session_idle_s": 3600,
-    "command_timeout_s": 60,
+    "output_bytes": 40_000,             # run_command: stdout kept (head and tail); stderr half
     "actions_timeout_s": 40,            # ChatGPT gives up on an Action after 45 s
     "max_parallel_turns": 3,
     "turn_timeout_s": 45 * 60,
@@ -304,6 +304,74 @@ def kill_group(proc: subprocess.Popen[Any]) -> None:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:  # pragma: no cover - a zombie that will not die
         pass
+
+
+class _Capture(threading.Thread):
+    """Reads a pipe to its end, keeping the first and the last cap/2 bytes."""
+
+    def __init__(self, stream: Any, cap: int) -> None:
+        super().__init__(daemon=True)
+        self.fd, self.half = stream.fileno(), max(cap // 2, 1)
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def run(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.total += len(chunk)
+            room = self.half - len(self.head)
+            if room > 0:
+                self.head += chunk[:room]
+                chunk = chunk[room:]
+            if chunk:
+                self.tail += chunk
+                del self.tail[: max(0, len(self.tail) - self.half)]
+
+    def text(self) -> Tuple[str, bool]:
+        cut = self.total > len(self.head) + len(self.tail)
+        middle = b"\n[... %d bytes omitted ...]\n" % (self.total - len(self.head) - len(self.tail))
+        data = bytes(self.head) + (middle if cut else b"") + bytes(self.tail)
+        return data.decode("utf-8", "replace"), cut
+
+
+def run_capped(argv: List[str], cwd: str, env: Dict[str, str], timeout: float, cap: int,
+               cancel: threading.Event) -> Dict[str, Any]:
+    """Run a child in its own process group with no stdin; read stdout and stderr at once
+    (no pipe can fill up and deadlock), keep head and tail of each, and on timeout, cancel
+    or normal exit kill whatever is left in the group, grandchildren included."""
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    readers = [_Capture(proc.stdout, cap), _Capture(proc.stderr, cap // 2)]
+    for reader in readers:
+        reader.start()
+    timed_out = False
+    while True:
+        try:
+            proc.wait(timeout=0.05)
+            break
+        except subprocess.TimeoutExpired:
+            if time.monotonic() - started > timeout or cancel.is_set():
+                timed_out = not cancel.is_set()
+                break
+    kill_group(proc)  # also ends `cmd &` children that would hold the pipes open
+    for reader in readers:
+        reader.join(timeout=2)
+    for stream in (proc.stdout, proc.stderr):
+        if stream:
+            stream.close()
+    (out, out_cut), (err, err_cut) = readers[0].text(), readers[1].text()
+    return {"exit_code": proc.returncode, "stdout": out, "stderr": err,
+            "timed_out": timed_out, "cancelled": cancel.is_set(),
+            "duration_ms": int((time.monotonic() - started) * 1000),
+            "stdout_truncated": out_cut, "stderr_truncated": err_cut}
 
 
 # Children see only these variables: the token, tunnel credentials and anything else in
@@ -732,6 +800,12 @@ class PathGuard:
     def __init__(self, blocked_globs: List[str], protected: Tuple[str, ...] = ()) -> None:
         self.globs = [[fold(c) for c in g.split("/") if c] for g in blocked_globs]
         self.protected = [os.path.realpath(p) for p in protected]
+        # Held across read-check-write so concurrent edits with expected_sha256 never
+        # lose an update (edits in this process; other writers are caught by the hash).
+        self.lock = threading.RLock()
+        umask = os.umask(0o022)  # read the umask (at start-up, while single-threaded)
+        os.umask(umask)
+        self.new_file_mode = 0o666 & ~umask
 
     # -- lexical -----------------------------------------------------------------------
     def split(self, root: Root, path: Any, allow_root: bool = False) -> List[str]:
@@ -914,6 +988,95 @@ class PathGuard:
             raise PatchbayError("%s grew over the read limit" % rel(parts), "TOO_LARGE")
         return data, parts
 
+    def write(self, root: Root, path: Any, data: bytes, expected_sha256: Optional[str] = None,
+              create_dirs: bool = True, mode: Optional[int] = None) -> Dict[str, Any]:
+        """Replace a file atomically: temp file in the same directory (by fd), fsync, then
+        rename over the old name. The rename replaces a symlink or hard link instead of
+        writing through it; the old file's mode is kept."""
+        parts = self.split(root, path)
+        pfd, parts = self.walk(root, parts, whole=False, create=create_dirs)
+        try:
+            name = parts[-1]
+            try:
+                st: Optional[os.stat_result] = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None:
+                if not stat.S_ISREG(st.st_mode):
+                    raise PatchbayError("%s exists and is not a regular file" % rel(parts),
+                                        "NOT_A_FILE")
+                if st.st_nlink > 1:
+                    raise PatchbayError("%s has several hard links; PatchBay does not write "
+                                        "hard-linked files" % rel(parts), "DENIED_PATH")
+                mode = stat.S_IMODE(st.st_mode) & 0o777  # setuid and friends are dropped
+            if expected_sha256 is not None:
+                current = self._sha_at(pfd, name) if st is not None else None
+                if current != expected_sha256.lower():
+                    raise PatchbayError("%s changed since it was read (sha256 is now %s); read "
+                                        "it again" % (rel(parts), current or "absent"),
+                                        "CONFLICT", sha256=current)
+            tmp = ".%s.%s.patchbay-tmp" % (name[:100], secrets.token_hex(6))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=pfd)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                    os.fchmod(f.fileno(), self.new_file_mode if mode is None else mode)
+                os.replace(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=pfd)
+                except OSError:
+                    pass
+                raise
+            return {"path": rel(parts), "created": st is None, "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest()}
+        finally:
+            os.close(pfd)
+
+    @staticmethod
+    def _sha_at(dir_fd: int, name: str) -> str:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def unlink(self, root: Root, path: Any) -> int:
+        """Delete one regular file; returns its mode (for a rollback)."""
+        parts = self.split(root, path)
+        pfd, parts = self.walk(root, parts, whole=False)
+        try:
+            try:
+                st = os.stat(parts[-1], dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise PatchbayError("no such file: %s" % rel(parts), "NOT_FOUND") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise PatchbayError("%s is not a regular file" % rel(parts), "NOT_A_FILE")
+            os.unlink(parts[-1], dir_fd=pfd)
+            return stat.S_IMODE(st.st_mode) & 0o777
+        finally:
+            os.close(pfd)
+
+    def exists(self, root: Root, path: Any) -> bool:
+        parts = self.split(root, path)
+        try:
+            pfd, parts = self.walk(root, parts, whole=False)
+        except PatchbayError as exc:
+            if exc.code == "NOT_FOUND":
+                return False
+            raise
+        try:
+            os.stat(parts[-1], dir_fd=pfd, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(pfd)
+
     def open_dir(self, root: Root, path: Any) -> Tuple[int, List[str]]:
         parts = self.split(root, path, allow_root=True)
         try:
@@ -1050,6 +1213,503 @@ class Git:
         out = self.run(cwd, ["check-ignore", "-z", "--stdin"],
                        input="\0".join(paths).encode() + b"\0", ok_codes=(0, 1))
         return {p.decode("utf-8", "surrogateescape") for p in out.split(b"\0") if p}
+
+
+# =======================================================================================
+# §7 Edits: text replacement, patches, and the command policy (pure logic, no I/O)
+# =======================================================================================
+
+class TextFile:
+    """A text file's content with its byte-level conventions (BOM, CRLF, final newline),
+    so edits can work on plain LF text and write the original conventions back."""
+
+    def __init__(self, data: bytes, where: str) -> None:
+        if b"\0" in data[:8192]:
+            raise PatchbayError("%s is a binary file; it cannot be edited as text" % where,
+                                "BINARY_FILE")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise PatchbayError("%s is not UTF-8 text" % where, "BINARY_FILE") from None
+        self.bom = text.startswith("\ufeff")
+        if self.bom:
+            text = text[1:]
+        crlf = text.count("\r\n")
+        # Only a file whose every newline is CRLF is converted; mixed files stay exact.
+        self.crlf = crlf > 0 and crlf == text.count("\n")
+        self.text = text.replace("\r\n", "\n") if self.crlf else text
+
+    def encode(self, text: str) -> bytes:
+        if self.crlf:
+            text = text.replace("\r\n", "\n").replace("\n", "\r\n")
+        return (("\ufeff" if self.bom else "") + text).encode("utf-8")
+
+
+def replace_exact(text: str, old: str, new: str, replace_all: bool, where: str) -> Tuple[str, int]:
+    """Exact replacement; zero matches or an ambiguous match is an error that says where."""
+    if not old:
+        raise PatchbayError("old_text must not be empty")
+    count = text.count(old)
+    if count == 0:
+        raise PatchbayError("old_text was not found in %s; read the file again and copy the "
+                            "text exactly (whitespace included)" % where, "NO_MATCH")
+    if count > 1 and not replace_all:
+        lines: List[int] = []
+        pos = text.find(old)
+        while pos >= 0 and len(lines) < 20:
+            lines.append(text.count("\n", 0, pos) + 1)
+            pos = text.find(old, pos + len(old))
+        raise PatchbayError("old_text matches %d times in %s (at lines %s); add context to make "
+                            "it unique or pass replace_all=true"
+                            % (count, where, ", ".join(map(str, lines))), "AMBIGUOUS",
+                            matches=count, lines=lines)
+    return text.replace(old, new) if replace_all else text.replace(old, new, 1), count
+
+
+class Hunk:
+    def __init__(self) -> None:
+        self.old: List[str] = []
+        self.new: List[str] = []
+        self.anchor: Optional[str] = None   # Codex `@@ context` line to find first
+        self.hint: Optional[int] = None     # unified diff: 1-based old start line
+        self.at_eof = False
+        self.old_eof_nl = True              # "\ No newline at end of file" flags
+        self.new_eof_nl = True
+        self.plus = self.minus = 0
+
+
+class FilePatch:
+    def __init__(self, kind: str, path: str) -> None:
+        self.kind = kind                   # add | update | delete
+        self.path = path
+        self.move_to: Optional[str] = None
+        self.hunks: List[Hunk] = []
+        self.added: List[str] = []         # content of an added file
+        self.added_eof_nl = True
+
+
+def parse_patch(text: str) -> List[FilePatch]:
+    """Parse a Codex `*** Begin Patch` envelope or a unified diff (`git diff` output)."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    start = next((i for i, ln in enumerate(lines) if ln.strip()), None)
+    if start is None:
+        raise PatchbayError("the patch is empty")
+    if lines[start].strip() == "*** Begin Patch":
+        files = _parse_envelope(lines[start + 1:])
+    elif any(ln.startswith("--- ") for ln in lines) and any(ln.startswith("+++ ") for ln in lines):
+        files = _parse_unified(lines)
+    else:
+        raise PatchbayError("not a patch: expected '*** Begin Patch' or a unified diff with "
+                            "'--- a/...' and '+++ b/...' headers")
+    if not files:
+        raise PatchbayError("the patch changes no files")
+    seen: set = set()
+    for fp in files:
+        for path in (fp.path, fp.move_to):
+            if path is not None and path in seen:
+                raise PatchbayError("the patch touches %s twice" % path)
+            if path is not None:
+                seen.add(path)
+    return files
+
+
+def _parse_envelope(lines: List[str]) -> List[FilePatch]:
+    files: List[FilePatch] = []
+    cur: Optional[FilePatch] = None
+    hunk: Optional[Hunk] = None
+    for n, line in enumerate(lines, 2):
+        if line.strip() == "*** End Patch":
+            return files
+        header = re.match(r"\*\*\* (Add|Update|Delete) File: (.+)$", line)
+        if header:
+            cur = FilePatch(header.group(1).lower(), header.group(2).strip())
+            files.append(cur)
+            hunk = None
+            continue
+        if cur is None:
+            raise PatchbayError("patch line %d: expected a '*** Add/Update/Delete File:' "
+                                "header" % n)
+        if line.startswith("*** Move to: ") and cur.kind == "update":
+            cur.move_to = line[len("*** Move to: "):].strip()
+        elif cur.kind == "add":
+            if not line.startswith("+"):
+                raise PatchbayError("patch line %d: lines of an added file start with '+'" % n)
+            cur.added.append(line[1:])
+        elif cur.kind == "delete":
+            if line.strip():
+                raise PatchbayError("patch line %d: a deleted file takes no lines" % n)
+        elif line.startswith("@@"):
+            hunk = Hunk()
+            hunk.anchor = line[2:].strip() or None
+            cur.hunks.append(hunk)
+        elif line.strip() == "*** End of File":
+            if hunk is None:
+                raise PatchbayError("patch line %d: '*** End of File' outside a hunk" % n)
+            hunk.at_eof = True
+        elif line[:1] in (" ", "-", "+") or line == "":
+            if hunk is None:
+                hunk = Hunk()
+                cur.hunks.append(hunk)
+            _hunk_line(hunk, line if line else " ")
+        else:
+            raise PatchbayError("patch line %d: unexpected %r" % (n, line[:60]))
+    raise PatchbayError("the patch has no '*** End Patch' line")
+
+
+def _hunk_line(hunk: Hunk, line: str) -> None:
+    tag, body = line[0], line[1:]
+    if tag in " -":
+        hunk.old.append(body)
+    if tag in " +":
+        hunk.new.append(body)
+    hunk.plus += tag == "+"
+    hunk.minus += tag == "-"
+
+
+def _diff_path(raw: str) -> Optional[str]:
+    path = raw.split("\t")[0].strip()
+    if path.startswith('"') and path.endswith('"'):
+        path = path[1:-1].encode("latin-1", "backslashreplace").decode("unicode_escape")
+        path = path.encode("latin-1").decode("utf-8", "replace")
+    if path == "/dev/null":
+        return None
+    if path.startswith(("a/", "b/")):
+        return path[2:]
+    return path  # absolute or other: left for the path guard to judge
+
+
+def _parse_unified(lines: List[str]) -> List[FilePatch]:
+    files: List[FilePatch] = []
+    i = 0
+    pending: List[str] = []   # git extended headers of the next file
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ "):
+            old, new = _diff_path(line[4:]), _diff_path(lines[i + 1][4:])
+            if any(re.match(r"(new file|deleted file|old|new) mode 120", h) for h in pending):
+                raise PatchbayError("symlink patches are not supported")
+            if old is None and new is None:
+                raise PatchbayError("patch line %d: both sides are /dev/null" % (i + 1))
+            kind = "add" if old is None else "delete" if new is None else "update"
+            fp = FilePatch(kind, (new if old is None else old) or "")
+            if kind == "update" and new != old:
+                fp.move_to = new
+            files.append(fp)
+            pending = []
+            i += 2
+            while i < len(lines) and lines[i].startswith("@@"):
+                m = re.match(r"@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@", lines[i])
+                if not m:
+                    raise PatchbayError("patch line %d: bad hunk header" % (i + 1))
+                hunk = Hunk()
+                hunk.hint = int(m.group(1))
+                old_left = int(m.group(2) or 1)
+                new_left = int(m.group(4) or 1)
+                last_tag = " "
+                i += 1
+                while i < len(lines) and (old_left > 0 or new_left > 0 or
+                                          lines[i].startswith("\\")):
+                    body = lines[i]
+                    if body.startswith("\\"):
+                        if last_tag in " -":
+                            hunk.old_eof_nl = False
+                        if last_tag in " +":
+                            hunk.new_eof_nl = False
+                        i += 1
+                        continue
+                    last_tag = body[:1] or " "
+                    if last_tag not in " -+":
+                        raise PatchbayError("patch line %d: hunk is shorter than its header "
+                                            "says" % (i + 1))
+                    _hunk_line(hunk, body if body else " ")
+                    old_left -= last_tag in " -"
+                    new_left -= last_tag in " +"
+                    i += 1
+                fp.hunks.append(hunk)
+            if kind == "add":
+                fp.added = [x for h in fp.hunks for x in h.new]
+                fp.added_eof_nl = all(h.new_eof_nl for h in fp.hunks)
+            continue
+        if line.startswith("GIT binary patch") or line.startswith("Binary files "):
+            raise PatchbayError("binary patches are not supported")
+        if line.startswith("diff --git "):
+            pending = []
+        else:
+            pending.append(line)
+        i += 1
+    return files
+
+
+def apply_hunks(text: str, hunks: List[Hunk], where: str) -> str:
+    """Apply hunks in order by finding their old lines (exact, then ignoring trailing and
+    then surrounding whitespace); a hunk that cannot be placed fails the whole file."""
+    had_nl = text.endswith("\n")
+    lines = text.split("\n")
+    if had_nl:
+        lines.pop()
+    cursor = 0
+    for number, hunk in enumerate(hunks, 1):
+        start = cursor
+        if hunk.anchor:
+            found = _find(lines, [hunk.anchor], cursor, None)
+            if found is None:
+                raise PatchbayError("%s: hunk %d: context line %r not found"
+                                    % (where, number, hunk.anchor[:80]), "PATCH_FAILED")
+            start = found + 1
+        if not hunk.old:  # pure insertion: "-N,0" in a unified diff means after line N
+            if hunk.hint is not None:
+                at = min(hunk.hint, len(lines))
+            elif hunk.anchor and not hunk.at_eof:
+                at = start
+            else:
+                at = len(lines)
+            lines[at:at] = hunk.new
+            cursor = at + len(hunk.new)
+            continue
+        hint = (hunk.hint - 1) if hunk.hint else None
+        pos = _find(lines, hunk.old, start, hint, at_eof=hunk.at_eof)
+        if pos is None:
+            raise PatchbayError("%s: hunk %d does not apply: its %d old line(s) starting %r were "
+                                "not found%s" % (where, number, len(hunk.old), hunk.old[0][:80],
+                                                 " after line %d" % start if start else ""),
+                                "PATCH_FAILED")
+        lines[pos:pos + len(hunk.old)] = hunk.new
+        cursor = pos + len(hunk.new)
+        if pos + len(hunk.new) >= len(lines):
+            if not hunk.new_eof_nl:
+                had_nl = False
+            elif not hunk.old_eof_nl:
+                had_nl = True
+    return "\n".join(lines) + ("\n" if had_nl and lines else "")
+
+
+def _find(lines: List[str], old: List[str], start: int, hint: Optional[int],
+          at_eof: bool = False) -> Optional[int]:
+    last = len(lines) - len(old)
+    if last < 0:
+        return None
+    if at_eof:
+        order = [last]
+    elif hint is not None:  # unified diffs: the place nearest the stated line wins
+        order = sorted(range(0, last + 1), key=lambda i: abs(i - hint))
+    else:
+        order = list(range(start, last + 1))
+    for norm in (str, str.rstrip, str.strip):  # exact, then looser whitespace
+        want = [norm(x) for x in old]
+        have = [norm(x) for x in lines]
+        for i in order:
+            if have[i:i + len(want)] == want:
+                return i
+    return None
+
+
+class CommandPolicy:
+    """A guardrail, not a sandbox: blocks common destructive commands before bash runs.
+
+    It tokenises the command like a shell (quotes, backslashes, `;`/`&&`/`||`/`|`/`&`,
+    `$(…)`, backticks), looks inside `bash -c`/`sh -c`/`eval` strings, `xargs` and
+    `find -exec`, skips `sudo`/`env`/`command`/`nohup`/`nice`/`time`/`exec` prefixes and
+    resolves variables assigned earlier on the same line. It cannot see through scripts,
+    interpreters (`python -c`), aliases, functions or encoded payloads.
+    """
+
+    SHELLS = ("sh", "bash", "zsh", "dash", "ksh", "fish")
+    PREFIXES = ("sudo", "doas", "env", "command", "nohup", "nice", "time", "exec", "timeout",
+                "stdbuf", "ionice", "builtin")
+    DOWNLOADERS = ("curl", "wget", "fetch")
+    FORK_BOMB = re.compile(r"(\S+)\s*\(\)\s*\{[^}]*\1\s*\|\s*\1\s*&")
+
+    def __init__(self, root_paths: Tuple[str, ...] = ()) -> None:
+        self.root_paths = {p.rstrip("/") for p in root_paths}
+
+    def check(self, command: str) -> Optional[str]:
+        """None when allowed, else 'rule: reason'."""
+        if self.FORK_BOMB.search(command):
+            return "fork-bomb: a function that pipes into itself in the background"
+        return self._check(command, 0)
+
+    def _check(self, command: str, depth: int) -> Optional[str]:
+        if depth > 5:
+            return "too-nested: the command nests shells more than 5 deep"
+        for inner in re.findall(r"`([^`]*)`", command):
+            why = self._check(inner, depth + 1)
+            if why:
+                return why
+        try:
+            tokens = self._tokens(command.replace("`", " ; "))
+        except ValueError as exc:
+            return "unparseable: %s (bash would refuse it too)" % exc
+        variables: Dict[str, str] = {}
+        for pipeline in self._pipelines(tokens):
+            producers_download = False
+            for seg in pipeline:
+                seg = self._expand(seg, variables)
+                argv = self._strip_prefixes(seg, variables)
+                if not argv:
+                    continue
+                why = self._rules(argv, seg, depth)
+                if why:
+                    return why
+                name = os.path.basename(argv[0])
+                if name in self.DOWNLOADERS or (name == "base64" and "-d" in argv[1:]):
+                    producers_download = True
+                elif producers_download and (name in self.SHELLS or re.match(
+                        r"(python[0-9.]*|perl|ruby|node)$", name)):
+                    return "pipe-to-shell: downloaded or decoded text piped into %s" % name
+        return None
+
+    @staticmethod
+    def _tokens(command: str) -> List[str]:
+        import shlex  # only run_command needs it
+        lex = shlex.shlex(command, posix=True, punctuation_chars=";&|()<>")
+        lex.whitespace_split = True
+        lex.commenters = ""
+        return list(lex)
+
+    @staticmethod
+    def _pipelines(tokens: List[str]) -> Iterator[List[List[str]]]:
+        """Split tokens into pipelines (lists of simple commands)."""
+        pipeline: List[List[str]] = []
+        seg: List[str] = []
+        for tok in tokens:
+            if tok in ("|", "|&"):
+                pipeline.append(seg)
+                seg = []
+            elif tok and set(tok) <= set(";&|()") or tok == "\n":
+                pipeline.append(seg)
+                yield pipeline
+                pipeline, seg = [], []
+            else:
+                seg.append(tok)
+        pipeline.append(seg)
+        yield pipeline
+
+    @staticmethod
+    def _expand(seg: List[str], variables: Dict[str, str]) -> List[str]:
+        def sub(tok: str) -> str:
+            return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?",
+                          lambda m: variables.get(m.group(1), m.group(0)), tok)
+        return [sub(t) for t in seg]
+
+    def _strip_prefixes(self, seg: List[str], variables: Dict[str, str]) -> List[str]:
+        argv = list(seg)
+        while argv:
+            m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", argv[0], re.S)
+            if m:
+                variables[m.group(1)] = m.group(2)
+                argv.pop(0)
+                continue
+            name = os.path.basename(argv[0])
+            if name not in self.PREFIXES:
+                break
+            argv.pop(0)
+            # Options of the prefix (sudo -u root, env -i, timeout 5, nice -n 5 ...).
+            while argv and (argv[0].startswith("-") or "=" in argv[0]
+                            or (name in ("timeout", "nice") and argv[0][:1].isdigit())):
+                opt = argv.pop(0)
+                if opt in ("-u", "-g", "-n", "-C", "-s", "--user", "--group") and argv:
+                    argv.pop(0)
+        return argv
+
+    def _rules(self, argv: List[str], seg: List[str], depth: int) -> Optional[str]:
+        name = os.path.basename(argv[0])
+        args = argv[1:]
+        flags = "".join(a[1:] for a in args if a.startswith("-") and not a.startswith("--"))
+        longs = [a for a in args if a.startswith("--")]
+        if name in self.SHELLS or name == "eval":
+            if name == "eval":
+                return self._check(" ".join(args), depth + 1)
+            for i, a in enumerate(args):
+                if re.fullmatch(r"-[a-z]*c[a-z]*", a) and i + 1 < len(args):
+                    return self._check(args[i + 1], depth + 1)
+        if name == "xargs":
+            rest = list(args)
+            while rest and rest[0].startswith("-"):
+                opt = rest.pop(0)
+                if opt in ("-I", "-n", "-P", "-L", "-d", "-E", "-s", "-a") and rest:
+                    rest.pop(0)
+            return self._rules(rest, rest, depth) if rest else None
+        if name == "find":
+            targets = [a for a in args if not a.startswith("-")][:1]
+            if "-delete" in args and any(self._dangerous_target(t) for t in targets):
+                return "find-delete-root: find -delete on %s" % targets[0]
+            for marker in ("-exec", "-execdir", "-ok"):
+                if marker in args:
+                    sub = args[args.index(marker) + 1:]
+                    sub = sub[: sub.index(";")] if ";" in sub else sub
+                    sub = [targets[0] if a == "{}" and targets else a for a in sub]
+                    why = self._rules(sub, sub, depth) if sub else None
+                    if why:
+                        return why
+        if name == "rm":
+            recursive = "r" in flags or "R" in flags or "--recursive" in longs
+            for t in args:
+                if recursive and not t.startswith("-") and self._dangerous_target(t):
+                    return "rm-root: recursive delete of %s" % t
+            if "--no-preserve-root" in longs:
+                return "rm-root: --no-preserve-root"
+        if re.match(r"mkfs(\.|$)|mke2fs$|wipefs$|mkswap$", name):
+            return "mkfs: %s formats a device" % name
+        if name == "dd" and any(a.startswith("of=/dev/") and a not in (
+                "of=/dev/null", "of=/dev/stdout", "of=/dev/stderr") for a in args):
+            return "dd-device: dd writes to a device"
+        for i, tok in enumerate(seg[:-1]):
+            if tok in (">", ">>") and re.match(r"/dev/(sd|hd|vd|xvd|nvme|mmcblk|disk|md|dm-)",
+                                                seg[i + 1]):
+                return "write-device: output redirected to %s" % seg[i + 1]
+        if name in ("chmod", "chown", "chgrp") and ("R" in flags or "--recursive" in longs):
+            if any(self._dangerous_target(t, root_only=True) for t in args
+                   if not t.startswith("-")):
+                return "%s-root: recursive %s on /" % (name, name)
+        if name in ("shutdown", "reboot", "halt", "poweroff") or (
+                name == "systemctl" and set(args) & {"poweroff", "reboot", "halt", "kexec"}) or (
+                name in ("init", "telinit") and set(args) & {"0", "6"}):
+            return "shutdown: %s stops or restarts the machine" % name
+        if any(".git/hooks" in a.replace("\\", "/") for a in seg) and name not in ("ls", "cat"):
+            return "git-hooks: writing into .git/hooks runs code on later git commands"
+        if name == "git":
+            return self._git_rule(args)
+        return None
+
+    def _git_rule(self, args: List[str]) -> Optional[str]:
+        rest = list(args)
+        while rest and rest[0].startswith("-"):  # git -C dir -c k=v ... subcommand
+            opt = rest.pop(0)
+            if opt in ("-C", "-c", "--git-dir", "--work-tree", "--namespace") and rest:
+                if opt == "-c" and rest[0].lower().startswith("core.hookspath"):
+                    return "git-hooks: core.hooksPath makes git run other programs"
+                rest.pop(0)
+        if not rest:
+            return None
+        sub, sargs = rest[0], rest[1:]
+        sflags = "".join(a[1:] for a in sargs if a.startswith("-") and not a.startswith("--"))
+        if sub == "push" and ("f" in sflags or any(a.startswith(("--force", "--mirror"))
+                                                   for a in sargs)
+                              or any(a.startswith("+") for a in sargs)):
+            return "git-push-force: force push rewrites remote history"
+        if sub == "reset" and "--hard" in sargs:
+            return "git-reset-hard: discards uncommitted work"
+        if sub == "clean" and ("f" in sflags or "--force" in sargs) and (
+                "d" in sflags or "x" in sflags or "X" in sflags):
+            return "git-clean: deletes untracked (and ignored) files"
+        if sub == "config" and any(a.lower() == "core.hookspath" for a in sargs):
+            return "git-hooks: core.hooksPath makes git run other programs"
+        return None
+
+    def _dangerous_target(self, target: str, root_only: bool = False) -> bool:
+        t = target.rstrip("/") if target not in ("/",) else "/"
+        if t in ("/", "", "/*") or re.fullmatch(r"/+\*?", target):
+            return True
+        if root_only:
+            return False
+        if t in ("~", "~/*", "$HOME", "${HOME}", "$HOME/*", "${HOME}/*", ".", "./*", "*", "..",
+                 "../*", "/home", "/root", "/usr", "/etc", "/var", "/boot", "/bin", "/lib"):
+            return True
+        home = os.path.expanduser("~").rstrip("/")
+        return t in self.root_paths or t == home or t.rstrip("*").rstrip("/") in self.root_paths
+
 
 
 # =======================================================================================
@@ -1257,9 +1917,10 @@ class Workbench:
     """The tool handlers. `tool_<name>` methods; TOOLS below declares them."""
 
     def __init__(self, cfg: Config, workspaces: Workspaces, guard: PathGuard, git: Git,
-                 channel: Channel) -> None:
+                 channel: Channel, redactor: Redactor) -> None:
         self.cfg, self.workspaces, self.guard, self.git = cfg, workspaces, guard, git
-        self.channel = channel
+        self.channel, self.redactor = channel, redactor
+        self.policy = CommandPolicy(tuple(r.real for r in workspaces.roots.values()))
         self.limits = cfg.limits
         self.rg = shutil.which("rg")
         self.enabled: List[str] = []
@@ -1543,6 +2204,121 @@ class Workbench:
         return out
 
 
+    # -- power tools -------------------------------------------------------------------
+    def tool_write_file(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        with self.guard.lock:
+            return self.guard.write(call.root, args["path"], args["content"].encode("utf-8"),
+                                    args["expected_sha256"], args["create_dirs"])
+
+    def tool_edit_file(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        with self.guard.lock:
+            data, parts = self.guard.read(call.root, args["path"], self.limits["read_bytes"])
+            sha = hashlib.sha256(data).hexdigest()
+            if args["expected_sha256"] and args["expected_sha256"].lower() != sha:
+                raise PatchbayError("%s changed since it was read (sha256 is now %s); read it "
+                                    "again" % (rel(parts), sha), "CONFLICT", sha256=sha)
+            doc = TextFile(data, rel(parts))
+            old, new = args["old_text"], args["new_text"]
+            if doc.crlf:  # the caller most likely sent LF text for a CRLF file
+                old, new = old.replace("\r\n", "\n"), new.replace("\r\n", "\n")
+            text, count = replace_exact(doc.text, old, new, args["replace_all"], rel(parts))
+            out = self.guard.write(call.root, rel(parts), doc.encode(text), expected_sha256=sha)
+        return {"path": out["path"], "replacements": count, "sha256": out["sha256"]}
+
+    def tool_apply_patch(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        root = call.root
+        with self.guard.lock:
+            plan, reports = self._plan_patch(root, parse_patch(args["patch"]))
+            if args["dry_run"]:
+                return {"applied": False, "dry_run": True, "files": reports}
+            done: List[Tuple[str, Optional[bytes], Optional[int]]] = []
+            try:
+                for path, original, new in plan:
+                    if new is None:
+                        done.append((path, original, self.guard.unlink(root, path)))
+                    else:
+                        self.guard.write(root, path, new)
+                        done.append((path, original, None))
+            except (PatchbayError, OSError) as exc:
+                for path, original, mode in reversed(done):  # all files or none
+                    if original is None:
+                        self.guard.unlink(root, path)
+                    else:
+                        self.guard.write(root, path, original, mode=mode)
+                why = exc.message if isinstance(exc, PatchbayError) else str(exc)
+                raise PatchbayError("patch not applied, nothing changed: %s" % why,
+                                    "PATCH_FAILED") from None
+        return {"applied": True, "dry_run": False, "files": reports}
+
+    def _plan_patch(self, root: Root, files: List[FilePatch]) -> Tuple[
+            List[Tuple[str, Optional[bytes], Optional[bytes]]], List[Dict[str, Any]]]:
+        """Check every target and compute every new content before touching anything.
+        Plan steps are (path, original bytes or None, new bytes or None to delete)."""
+        plan: List[Tuple[str, Optional[bytes], Optional[bytes]]] = []
+        reports: List[Dict[str, Any]] = []
+        for fp in files:
+            for target in (fp.path, fp.move_to):
+                if target is not None:
+                    self.guard.check(root, self.guard.split(root, target))
+            if fp.kind == "add":
+                if self.guard.exists(root, fp.path):
+                    raise PatchbayError("cannot add %s: it already exists" % fp.path, "CONFLICT")
+                text = "\n".join(fp.added) + ("\n" if fp.added and fp.added_eof_nl else "")
+                plan.append((fp.path, None, text.encode("utf-8")))
+                reports.append({"path": fp.path, "action": "added", "lines_added": len(fp.added)})
+                continue
+            data, parts = self.guard.read(root, fp.path, self.limits["read_bytes"])
+            path = rel(parts)
+            if fp.kind == "delete":
+                plan.append((path, data, None))
+                reports.append({"path": path, "action": "deleted"})
+                continue
+            doc = TextFile(data, path)
+            new = doc.encode(apply_hunks(doc.text, fp.hunks, path))
+            report: Dict[str, Any] = {
+                "path": path, "action": "updated", "hunks": len(fp.hunks),
+                "lines_added": sum(h.plus for h in fp.hunks),
+                "lines_removed": sum(h.minus for h in fp.hunks)}
+            if fp.move_to and fp.move_to != fp.path:
+                if self.guard.exists(root, fp.move_to):
+                    raise PatchbayError("cannot move %s to %s: it already exists"
+                                        % (path, fp.move_to), "CONFLICT")
+                plan += [(fp.move_to, None, new), (path, data, None)]
+                report.update(action="moved", to=fp.move_to)
+            else:
+                plan.append((path, data, new))
+            reports.append(report)
+        return plan, reports
+
+    def tool_run_command(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        command = args["command"]
+        if self.cfg.command_policy:
+            why = self.policy.check(command)
+            if why:
+                raise PatchbayError("blocked by the command policy: %s. The policy is a "
+                                    "guardrail against common destructive commands; do this "
+                                    "by hand if you really mean it" % why, "POLICY_BLOCKED",
+                                    rule=why.split(":")[0])
+        timeout = args["timeout_s"]
+        if call.door == "actions":  # ChatGPT abandons an Action after 45 s
+            timeout = min(timeout, self.limits["actions_timeout_s"])
+        fd, parts = self.guard.open_dir(call.root, args["cwd"])
+        try:
+            cwd = os.readlink("/proc/self/fd/%d" % fd)
+        except OSError:
+            cwd = os.path.join(call.root.current_path(), *parts)
+        finally:
+            os.close(fd)
+        env = child_env(inherit=self.cfg.child_env == "inherit",
+                        extra={"TERM": "dumb", "PAGER": "cat", "GIT_PAGER": "cat"})
+        out = run_capped(["bash", "-c", command], cwd, env, timeout,
+                         self.limits["output_bytes"], call.cancel)
+        out["stdout"] = self.redactor(out["stdout"])
+        out["stderr"] = self.redactor(out["stderr"])
+        out["cwd"] = rel(parts)
+        return out
+
+
 def _p_path(desc: str = "Path relative to the workspace root.", default: Any = REQUIRED) -> Param:
     return Param("string", desc, default, max_length=4096)
 
@@ -1597,6 +2373,43 @@ TOOL_SPECS: List[Tuple[str, str, str, Dict[str, Param], Dict[str, bool]]] = [
       "max_bytes": Param("integer", "Most characters of diff to return.", 60000, minimum=1,
                          maximum=100000)},
      {"read_only": True}),
+]
+
+
+TOOL_SPECS += [
+    ("write_file", "write",
+     "Create or overwrite a file atomically; pass expected_sha256 from read_file to refuse "
+     "if it changed meanwhile.",
+     {"path": _p_path(),
+      "content": Param("string", "The complete new file content (UTF-8)."),
+      "expected_sha256": Param("string", "sha256 the file must still have, if any.", None,
+                               max_length=64, nullable=True),
+      "create_dirs": Param("boolean", "Create missing parent directories.", True)},
+     {"read_only": False, "destructive": True, "idempotent": True}),
+    ("edit_file", "write",
+     "Replace exact text in a file (must match once unless replace_all); keeps line endings "
+     "and BOM.",
+     {"path": _p_path(),
+      "old_text": Param("string", "Exact text to replace."),
+      "new_text": Param("string", "Replacement text."),
+      "replace_all": Param("boolean", "Replace every occurrence.", False),
+      "expected_sha256": Param("string", "sha256 the file must still have, if any.", None,
+                               max_length=64, nullable=True)},
+     {"read_only": False, "destructive": True, "idempotent": False}),
+    ("apply_patch", "write",
+     "Apply a Codex '*** Begin Patch' envelope or a unified diff to several files: all or "
+     "nothing.",
+     {"patch": Param("string", "The patch text."),
+      "dry_run": Param("boolean", "Only report what would change.", False)},
+     {"read_only": False, "destructive": True, "idempotent": False}),
+    ("run_command", "command",
+     "Run a bash command in the workspace (no stdin, own process group, timeout, capped and "
+     "redacted output).",
+     {"command": Param("string", "The bash command line.", max_length=20000),
+      "cwd": _p_path("Working directory relative to the workspace root.", "."),
+      "timeout_s": Param("integer", "Seconds before the whole process group is killed "
+                         "(Actions: at most 40).", 60, minimum=1, maximum=3600)},
+     {"read_only": False, "destructive": True, "idempotent": False, "open_world": True}),
 ]
 
 
@@ -1954,7 +2767,8 @@ class App:
             self.workspaces.default = active
         self.guard = PathGuard(cfg.blocked_globs, protected=(cfg.home,))
         self.git = Git()
-        self.bench = Workbench(cfg, self.workspaces, self.guard, self.git, self.channel)
+        self.bench = Workbench(cfg, self.workspaces, self.guard, self.git, self.channel,
+                               self.redactor)
         self.registry = build_registry(self.bench)
         self.audit = Audit(cfg.home, self.redactor, cfg.limits["audit_bytes"])
         self.dispatcher = Dispatcher(cfg, self.bench, self.registry, self.audit)
