@@ -27,8 +27,8 @@ Tokens never reach logs, child processes or tool results. The profile (`readonly
 
 Contents (grep -n '^# §'):
     §1 Errors · §2 Utilities · §3 Config and profiles · §4 Channel and auth ·
-    §5 Path guard · §6 Git · §7 Tools · §8 MCP · §9 OpenAPI and Actions ·
-    §10 HTTP server · §11 CLI
+    §5 Path guard · §6 Git · §7 Edits and the command policy · §8 Tools · §9 MCP ·
+    §10 OpenAPI and Actions · §11 HTTP server · §12 CLI
 """
 
 from __future__ import annotations
@@ -414,7 +414,7 @@ BUILTIN_PROFILES: Dict[str, Dict[str, Any]] = {
                "codex": {"sandbox": "workspace-write", "plan_sandbox": "read-only"}},
     "power": {"command_policy": True, "child_env": "allowlist",
               "codex": {"sandbox": "workspace-write", "plan_sandbox": "read-only"}},
-    "full": {"command_policy": False, "child_env": "inherit",
+    "full": {"command_policy": True, "child_env": "inherit",
              "codex": {"sandbox": "danger-full-access", "plan_sandbox": "read-only",
                        "allow_bypass": True}},
 }
@@ -502,7 +502,7 @@ class Config:
         s = settings
         self.extends: str = s.get("extends", profile_name)
         self.groups = PROFILE_GROUPS[self.extends]
-        self.roots: List[str] = list(s.get("roots") or [])
+        self.roots: List[str] = [os.path.expanduser(r) for r in s.get("roots") or []]
         self.blocked_globs: List[str] = list(s.get("blocked_globs") or DEFAULT_BLOCKED_GLOBS)
         self.tools: Optional[List[str]] = s.get("tools")
         self.command_policy: bool = bool(s.get("command_policy", True))
@@ -1713,7 +1713,7 @@ class CommandPolicy:
 
 
 # =======================================================================================
-# §7 Tools: one registry feeds MCP and Actions
+# §8 Tools: one registry feeds MCP and Actions
 # =======================================================================================
 
 REQUIRED = object()
@@ -2502,7 +2502,7 @@ class Dispatcher:
 
 
 # =======================================================================================
-# §8 MCP: JSON-RPC methods, sessions, stdio
+# §9 MCP: JSON-RPC methods, sessions, stdio
 # =======================================================================================
 
 def rpc_error(msg_id: Any, code: int, message: str, data: Any = None) -> Dict[str, Any]:
@@ -2688,7 +2688,7 @@ def serve_stdio(endpoint: McpEndpoint, stdin: Any, stdout: Any) -> int:
 
 
 # =======================================================================================
-# §9 OpenAPI and Actions
+# §10 OpenAPI and Actions
 # =======================================================================================
 
 def build_openapi(tools: List[Tool], server_url: str) -> Dict[str, Any]:
@@ -2735,7 +2735,7 @@ directory. Whoever runs it is responsible for what it exposes and to whom.
 
 
 # =======================================================================================
-# §10 HTTP server: thin wire layer; limits, auth, routing, errors -> statuses
+# §11 HTTP server: thin wire layer; limits, auth, routing, errors -> statuses
 # =======================================================================================
 
 class HttpError(Exception):
@@ -3099,7 +3099,7 @@ def is_loopback(host: str) -> bool:
 
 
 # =======================================================================================
-# §11 CLI: one COMMANDS table, cmd_<name>(args) -> exit code
+# §12 CLI: one COMMANDS table, cmd_<name>(args) -> exit code
 # =======================================================================================
 
 def resolve_home(args: argparse.Namespace) -> str:
