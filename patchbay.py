@@ -421,7 +421,7 @@ BUILTIN_PROFILES: Dict[str, Dict[str, Any]] = {
 DEFAULT_PROFILE = "worker"
 CODEX_DEFAULTS: Dict[str, Any] = {
     "bin": "codex", "model": None, "sandbox": "workspace-write", "plan_sandbox": "read-only",
-    "allow_bypass": False, "config_overrides": []}
+    "allow_bypass": False, "config_overrides": [], "env": []}
 CODEX_SANDBOXES = ("read-only", "workspace-write", "danger-full-access")
 # Every key a profile file may hold; anything else is a typo worth an error.
 PROFILE_KEYS = ("extends", "description", "roots", "blocked_globs", "tools", "command_policy",
@@ -1121,16 +1121,16 @@ class Git:
                    GIT_EDITOR="true", GIT_PAGER="cat", GIT_OPTIONAL_LOCKS="0", LC_ALL="C")
         self.env = env
         self.available = shutil.which("git") is not None
-        self._checked: Dict[str, Optional[str]] = {}
+        self._checked: Dict[str, Tuple[str, Any, Optional[str]]] = {}
         self._lock = threading.Lock()
 
     def argv(self, args: List[str]) -> List[str]:
         return list(self.PREFIX) + args
 
-    def run(self, cwd: str, args: List[str], input: Optional[bytes] = None,
-            timeout: float = 30, ok_codes: Tuple[int, ...] = (0,)) -> bytes:
+    def call(self, cwd: str, args: List[str], input: Optional[bytes] = None,
+             timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
         try:
-            proc = subprocess.run(self.argv(args), cwd=cwd, env=self.env, input=input,
+            return subprocess.run(self.argv(args), cwd=cwd, env=self.env, input=input,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   stdin=None if input is not None else subprocess.DEVNULL,
                                   timeout=timeout, start_new_session=True)
@@ -1138,6 +1138,10 @@ class Git:
             raise PatchbayError("git %s timed out" % args[0], "TIMEOUT") from None
         except FileNotFoundError:
             raise PatchbayError("git is not installed", "UNAVAILABLE") from None
+
+    def run(self, cwd: str, args: List[str], input: Optional[bytes] = None,
+            timeout: float = 30, ok_codes: Tuple[int, ...] = (0,)) -> bytes:
+        proc = self.call(cwd, args, input, timeout)
         if proc.returncode not in ok_codes:
             msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
             why = msg[-1] if msg else "exit %d" % proc.returncode
@@ -1146,15 +1150,23 @@ class Git:
         return proc.stdout
 
     def repo_state(self, cwd: str) -> Optional[str]:
-        """None for a usable repository; 'none' outside one; otherwise why it is refused."""
+        """None for a usable repository; 'none' outside one; otherwise why it is refused.
+
+        The verdict is cached against the stat of the repository's config file, so a
+        filter added while the server runs is noticed on the next call.
+        """
         with self._lock:
-            if cwd in self._checked:
-                return self._checked[cwd]
-        if not self.available:
-            verdict: Optional[str] = "none"
-        else:
+            cached = self._checked.get(cwd)
+        if cached is not None and cached[1] == self._sig(cached[0]):
+            return cached[2]
+        config_path, sig = "", None
+        verdict: Optional[str] = "none"
+        if self.available:
             try:
-                self.run(cwd, ["rev-parse", "--git-dir"])
+                common = self.run(cwd, ["rev-parse", "--path-format=absolute",
+                                        "--git-common-dir"]).decode().strip()
+                config_path = os.path.join(common, "config")
+                sig = self._sig(config_path)
                 raw = self.run(cwd, ["config", "--local", "--list", "-z"], ok_codes=(0, 1))
                 keys = [item.split(b"\n", 1)[0].decode("utf-8", "replace").lower()
                         for item in raw.split(b"\0") if item]
@@ -1164,10 +1176,18 @@ class Git:
                     "that PatchBay cannot switch off; remove them (git config --unset ...) "
                     "to use git features here" % ", ".join(bad))
             except PatchbayError:
-                verdict = "none"
+                config_path, verdict = "", "none"
         with self._lock:
-            self._checked[cwd] = verdict
+            self._checked[cwd] = (config_path, sig, verdict)
         return verdict
+
+    @staticmethod
+    def _sig(path: str) -> Optional[Tuple[int, int, int]]:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def require(self, cwd: str) -> None:
         state = self.repo_state(cwd)
@@ -1713,6 +1733,580 @@ class CommandPolicy:
 
 
 # =======================================================================================
+# §8 Codex runner: workers and jobs in isolated worktrees (reference/codex.md)
+# =======================================================================================
+
+SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
+MODEL_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+ACTIVE = ("queued", "running")
+
+
+class Run:
+    """One Codex worker or job: persisted metadata plus its live process and queue.
+
+    Persisted (state.json, written on transitions only): never the prompt unless the
+    profile says store_prompts. The thread id is kept for resume and never reported.
+    """
+
+    FIELDS = ("name", "kind", "workspace", "mode", "sandbox", "model", "state", "turns",
+              "created", "updated", "thread_id", "branch", "base", "last_message",
+              "changed_files", "commands", "error", "usage", "pgid")
+
+    def __init__(self, **values: Any) -> None:
+        self.name = ""
+        self.kind = "worker"          # worker | plan | apply
+        self.workspace = ""
+        self.mode = "isolated"        # isolated | read_only | workspace
+        self.sandbox = "read-only"
+        self.model: Optional[str] = None
+        self.state = "queued"
+        self.turns = 0
+        self.created = iso()
+        self.updated = iso()
+        self.thread_id: Optional[str] = None
+        self.branch: Optional[str] = None
+        self.base: Optional[str] = None
+        self.last_message = ""
+        self.changed_files: List[str] = []
+        self.commands = 0
+        self.error: Optional[str] = None
+        self.usage: Optional[Dict[str, Any]] = None
+        self.pgid: Optional[int] = None
+        for key, value in values.items():
+            if key in self.FIELDS:
+                setattr(self, key, value)
+        self.state_dir = ""
+        self.workdir = ""
+        self.queue: List[str] = []
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.thread: Optional[threading.Thread] = None
+        self.stop_requested = False
+        self.timed_out = False
+        self.completed = False
+        self.version = 0
+        self.turn_started = 0.0
+
+    def saved(self) -> Dict[str, Any]:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    def report(self) -> Dict[str, Any]:
+        """What a caller may see: no thread id, no process id, no absolute path."""
+        out: Dict[str, Any] = {"name": self.name, "kind": self.kind, "state": self.state,
+                               "mode": self.mode, "turns": self.turns,
+                               "queued_messages": len(self.queue)}
+        if self.branch:
+            out["branch"] = self.branch
+        if self.state == "running" and self.turn_started:
+            out["running_s"] = int(time.time() - self.turn_started)
+        out["last_message"], cut = cap_text(self.last_message, 4000)
+        if cut:
+            out["last_message_truncated"] = True
+        out["changed_files"] = self.changed_files[:200]
+        out["commands_run"] = self.commands
+        if self.error:
+            out["error"] = self.error[:1000]
+        if self.usage:
+            out["usage"] = {k: v for k, v in self.usage.items() if isinstance(v, int)}
+        out["updated"] = self.updated
+        return out
+
+
+class CodexRunner:
+    """Starts `codex exec --json` turns, one process group each, at most N at once.
+
+    The prompt goes on stdin (then closed: an open stdin hangs Codex), so it never shows
+    in a process list and can never be read as a flag. Events are parsed as they stream;
+    state is written on transitions; `wait` wakes on any change through a condition
+    variable. After a turn in a worktree PatchBay commits the changes itself, because
+    Codex's sandbox keeps `.git` read-only.
+    """
+
+    def __init__(self, cfg: Config, git: Git, redactor: Redactor) -> None:
+        self.cfg, self.git, self.redactor = cfg, git, redactor
+        self.jobs_dir = os.path.join(cfg.home, "runtime", "jobs")
+        self.trees_dir = os.path.join(cfg.home, "worktrees")
+        self.cond = threading.Condition()
+        self.version = 0
+        self.runs: Dict[Tuple[str, str], Run] = {}
+        self.slots = threading.Semaphore(cfg.limits["max_parallel_turns"])
+        self.closing = False
+        self._load()
+
+    # -- bookkeeping -------------------------------------------------------------------
+    @staticmethod
+    def key(root: Root) -> str:
+        slug = re.sub(r"[^a-z0-9-]+", "-", root.name.lower()).strip("-")[:40] or "ws"
+        return "%s-%s" % (slug, hashlib.sha256(root.real.encode()).hexdigest()[:8])
+
+    def _load(self) -> None:
+        """Pick up runs from a previous process: anything it left running is interrupted,
+        and any process group it left behind is ended."""
+        if not os.path.isdir(self.jobs_dir):
+            return
+        for ws_key in sorted(os.listdir(self.jobs_dir)):
+            ws_dir = os.path.join(self.jobs_dir, ws_key)
+            for name in sorted(os.listdir(ws_dir)) if os.path.isdir(ws_dir) else []:
+                path = os.path.join(ws_dir, name, "state.json")
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        run = Run(**json.load(f))
+                except (OSError, ValueError, TypeError):
+                    continue
+                run.state_dir = os.path.dirname(path)
+                run.workdir = os.path.join(self.trees_dir, ws_key, name)
+                if run.state in ACTIVE:
+                    self._kill_stale(run.pgid)
+                    run.state, run.pgid = "interrupted", None
+                    run.error = "PatchBay stopped during this turn; message it to resume"
+                    self._save(run)
+                self.runs[(ws_key, run.name)] = run
+
+    @staticmethod
+    def _kill_stale(pgid: Optional[int]) -> None:
+        if not pgid:
+            return
+        try:
+            with open("/proc/%d/cmdline" % pgid, "rb") as f:
+                if b"codex" not in f.read():
+                    return  # the id was reused by something else: leave it alone
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def _save(self, run: Run) -> None:
+        run.updated = iso()
+        private_dir(run.state_dir)
+        atomic_write(os.path.join(run.state_dir, "state.json"),
+                     (json.dumps(run.saved(), indent=1) + "\n").encode())
+
+    def _changed(self, run: Run, persist: bool = True) -> None:
+        """Call with self.cond held."""
+        if persist:
+            self._save(run)
+        run.version += 1
+        self.version += 1
+        self.cond.notify_all()
+
+    def get(self, root: Root, name: str) -> Run:
+        run = self.runs.get((self.key(root), name))
+        if run is None:
+            known = sorted(n for (k, n) in self.runs if k == self.key(root))
+            raise PatchbayError("no worker or job named %r in this workspace%s"
+                                % (name, "; known: " + ", ".join(known) if known else ""),
+                                "NOT_FOUND")
+        return run
+
+    def _binary(self) -> str:
+        path = shutil.which(self.cfg.codex["bin"])
+        if not path:
+            raise PatchbayError("the Codex CLI (%s) was not found: install it with `npm install "
+                                "-g @openai/codex`, or set codex.bin in the profile"
+                                % self.cfg.codex["bin"], "UNAVAILABLE")
+        return path
+
+    # -- starting work -----------------------------------------------------------------
+    def start(self, root: Root, kind: str, name: Optional[str], prompt: str, mode: str,
+              model: Optional[str]) -> Run:
+        if model is not None and not MODEL_SLUG.fullmatch(model):
+            raise PatchbayError("model must be a model slug such as gpt-5.5")
+        self._binary()
+        ws_key = self.key(root)
+        with self.cond:
+            if name is None:
+                taken = [int(n.split("-")[1]) for (k, n) in self.runs
+                         if k == ws_key and re.fullmatch(kind + r"-\d+", n)]
+                name = "%s-%d" % (kind, max(taken, default=0) + 1)
+            if not SLUG.fullmatch(name):
+                raise PatchbayError("name must be a short slug: lowercase letters, digits and "
+                                    "'-', starting with a letter or digit (e.g. fix-login)")
+            if (ws_key, name) in self.runs:
+                raise PatchbayError("%s already exists; message it, or stop it with "
+                                    "discard=true first" % name, "CONFLICT")
+            sandbox = self.cfg.codex["plan_sandbox" if mode != "isolated" else "sandbox"]
+            run = Run(name=name, kind=kind, workspace=root.name, mode=mode, sandbox=sandbox,
+                      model=model or self.cfg.codex.get("model"))
+            run.state_dir = os.path.join(self.jobs_dir, ws_key, name)
+            run.workdir = os.path.join(self.trees_dir, ws_key, name)
+            self.runs[(ws_key, name)] = run  # reserve the name while the worktree is made
+        try:
+            if mode == "isolated":
+                self._make_worktree(root, run)
+            else:
+                run.workdir = root.current_path()
+            with self.cond:
+                self._enqueue(run, prompt)
+        except BaseException:
+            with self.cond:
+                self.runs.pop((ws_key, name), None)
+            raise
+        return run
+
+    def _make_worktree(self, root: Root, run: Run) -> None:
+        cwd = root.current_path()
+        self.git.require(cwd)
+        try:
+            head = self.git.run(cwd, ["rev-parse", "--verify", "HEAD^{commit}"])
+            run.base = head.decode().strip()
+        except PatchbayError:
+            raise PatchbayError("the workspace has no commits yet; commit once so a worker "
+                                "has a base to branch from", "UNSUPPORTED_REPO") from None
+        run.branch = "patchbay/" + run.name
+        private_dir(os.path.dirname(run.workdir))
+        if os.path.exists(run.workdir):
+            raise PatchbayError("a stale worktree for %s exists; stop it with discard=true"
+                                % run.name, "CONFLICT")
+        self.git.run(cwd, ["worktree", "add", "-b", run.branch, "--", run.workdir, run.base],
+                     timeout=120)
+
+    def message(self, root: Root, name: str, text: str) -> Run:
+        run = self.get(root, name)
+        with self.cond:
+            if run.kind != "worker":
+                raise PatchbayError("%s is a one-shot job; start a worker to keep talking"
+                                    % name)
+            self._enqueue(run, text)
+        return run
+
+    def _enqueue(self, run: Run, prompt: str) -> None:
+        """With self.cond held: queue a prompt, starting a turn unless one is under way."""
+        if self.cfg.store_prompts:
+            private_dir(run.state_dir)
+            with open(os.path.join(run.state_dir, "prompts.jsonl"), "a", encoding="utf-8") as f:
+                f.write(dumps({"ts": iso(), "prompt": self.redactor(prompt)}) + "\n")
+        run.queue.append(prompt)
+        if run.state not in ACTIVE or run.thread is None:
+            self._launch(run)
+        else:
+            self._changed(run, persist=False)
+
+    def _launch(self, run: Run) -> None:
+        prompt = run.queue.pop(0)
+        run.state, run.stop_requested, run.timed_out, run.completed = "queued", False, False, False
+        run.thread = threading.Thread(target=self._turn, args=(run, prompt), daemon=True,
+                                      name="codex-" + run.name)
+        self._changed(run)
+        run.thread.start()
+
+    def _argv(self, run: Run) -> List[str]:
+        argv = [self._binary(), "exec", "--json", "--skip-git-repo-check", "-C", run.workdir,
+                "-s", run.sandbox]
+        if run.model:
+            argv += ["-m", run.model]
+        for override in self.cfg.codex.get("config_overrides") or []:
+            argv += ["-c", str(override)]  # from the operator's profile, never from a prompt
+        if run.thread_id:
+            argv += ["resume", run.thread_id]
+        return argv + ["-"]  # "-": the prompt comes on stdin
+
+    def _env(self) -> Dict[str, str]:
+        env = child_env(inherit=self.cfg.child_env == "inherit")
+        for name in self.cfg.codex.get("env") or []:
+            if name in os.environ and name not in OWN_SECRET_ENV:
+                env[name] = os.environ[name]
+        return env
+
+    # -- one turn ----------------------------------------------------------------------
+    def _turn(self, run: Run, prompt: str) -> None:
+        self.slots.acquire()
+        try:
+            with self.cond:
+                if run.stop_requested or self.closing:
+                    return
+                argv = self._argv(run)
+                run.proc = subprocess.Popen(argv, cwd=run.workdir, env=self._env(),
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, start_new_session=True)
+                run.state, run.pgid, run.error = "running", run.proc.pid, None
+                run.turns += 1
+                run.turn_started = time.time()
+                self._changed(run)
+            proc = run.proc
+            assert proc.stdin and proc.stdout and proc.stderr
+            try:
+                proc.stdin.write(prompt.encode("utf-8"))
+            except OSError:
+                pass
+            finally:
+                proc.stdin.close()  # EOF: Codex starts only when stdin ends
+            stderr = threading.Thread(target=self._pump_stderr, args=(run, proc.stderr),
+                                      daemon=True)
+            stderr.start()
+            timer = threading.Timer(self.cfg.limits["turn_timeout_s"], self._timeout, (run,))
+            timer.daemon = True
+            timer.start()
+            for line in proc.stdout:
+                self._event(run, line)
+            proc.wait()
+            timer.cancel()
+            stderr.join(5)
+            proc.stdout.close()
+        finally:
+            self.slots.release()
+        self._finish(run, prompt)
+
+    def _timeout(self, run: Run) -> None:
+        run.timed_out = True
+        if run.proc is not None:
+            kill_group(run.proc)
+
+    def _finish(self, run: Run, prompt: str) -> None:
+        proc = run.proc
+        if proc is not None:
+            kill_group(proc)  # nothing the turn started outlives it
+        if run.mode == "isolated" and not self.closing and os.path.isdir(run.workdir):
+            try:
+                self.commit(run, "turn %d: %s" % (run.turns, prompt.strip().split("\n")[0][:72]))
+            except PatchbayError as exc:
+                run.error = "could not commit the turn: %s" % exc.message
+        with self.cond:
+            run.proc, run.pgid = None, None
+            if self.closing:
+                run.state = "interrupted"
+                run.error = "PatchBay stopped during this turn; message it to resume"
+            elif run.stop_requested:
+                run.state = "cancelled"
+            elif run.timed_out:
+                run.state = "failed"
+                run.error = "the turn timed out after %d s" % self.cfg.limits["turn_timeout_s"]
+            elif proc is not None and proc.returncode == 0 and run.completed:
+                run.state = "idle" if run.kind == "worker" else "done"
+            else:
+                run.state = "failed"
+                if not run.error:
+                    run.error = "codex exited with status %s" % (proc.returncode if proc else "?")
+            if run.queue and run.state not in ("cancelled", "interrupted"):
+                self._launch(run)
+            else:
+                run.thread = None
+                self._changed(run)
+
+    def _event(self, run: Run, raw: bytes) -> None:
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        self._log(run, "events.jsonl", dumps(event) + "\n")
+        kind = event.get("type")
+        item: Dict[str, Any] = event["item"] if isinstance(event.get("item"), dict) else {}
+        notify = False
+        with self.cond:
+            if kind == "thread.started" and isinstance(event.get("thread_id"), str):
+                run.thread_id = event["thread_id"]
+            elif kind == "item.completed" and item.get("type") == "agent_message":
+                run.last_message = self.redactor(str(item.get("text", "")))
+                notify = True
+            elif kind == "item.completed" and item.get("type") == "command_execution":
+                run.commands += 1
+                notify = True
+            elif kind == "item.completed" and item.get("type") == "file_change":
+                for change in item.get("changes") or []:
+                    path = self._relative(run, str(change.get("path", "")))
+                    if path and path not in run.changed_files:
+                        run.changed_files.append(path)
+                notify = True
+            elif kind == "turn.completed":
+                run.completed = True
+                run.usage = event.get("usage") if isinstance(event.get("usage"), dict) else None
+            elif kind == "turn.failed":
+                err = event.get("error")
+                run.error = self.redactor(str(err.get("message") if isinstance(err, dict) else err))
+            if notify:
+                self._changed(run, persist=False)
+
+    @staticmethod
+    def _relative(run: Run, path: str) -> str:
+        base = run.workdir.rstrip("/") + "/"
+        if path.startswith(base):
+            return path[len(base):]
+        return "" if path.startswith("/") else path
+
+    def _pump_stderr(self, run: Run, stream: Any) -> None:
+        for line in stream:
+            self._log(run, "stderr.log", line.decode("utf-8", "replace"))
+        stream.close()
+
+    def _log(self, run: Run, name: str, text: str) -> None:
+        """Append redacted text to a per-run log, capped (the rest is dropped)."""
+        path = os.path.join(run.state_dir, name)
+        try:
+            if os.path.getsize(path) > 2 * 1024 * 1024:
+                return
+        except OSError:
+            pass
+        try:
+            private_dir(run.state_dir)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8") as f:
+                f.write(self.redactor(text))
+        except OSError:
+            pass
+
+    def commit(self, run: Run, message: str) -> bool:
+        """Commit everything in the worker's worktree on its branch; False if clean."""
+        if not self.git.run(run.workdir, ["status", "--porcelain", "-z"]):
+            return False
+        self.git.run(run.workdir, ["add", "-A"])
+        self.git.run(run.workdir, ["-c", "user.name=patchbay", "-c",
+                                   "user.email=patchbay@localhost", "commit", "-q",
+                                   "--no-verify", "-m", message])
+        return True
+
+    # -- looking and stopping ----------------------------------------------------------
+    def wait(self, root: Root, name: Optional[str], wait_s: float) -> List[Run]:
+        """Runs of this workspace (or one), after waiting up to wait_s for any change."""
+        ws_key = self.key(root)
+        with self.cond:
+            one = self.get(root, name) if name else None
+            if wait_s > 0:
+                before = one.version if one else self.version
+                self.cond.wait_for(lambda: (one.version if one else self.version) != before,
+                                   timeout=wait_s)
+            return [one] if one else [r for (k, _), r in sorted(self.runs.items()) if k == ws_key]
+
+    def stop(self, root: Root, name: str, discard: bool) -> Dict[str, Any]:
+        run = self.get(root, name)
+        with self.cond:
+            run.stop_requested = True
+            run.queue.clear()
+            proc, thread = run.proc, run.thread
+            if run.state in ACTIVE and proc is None:
+                run.state = "cancelled"  # still waiting for a slot
+                self._changed(run)
+        if proc is not None:
+            kill_group(proc)
+        if thread is not None:
+            thread.join(15)
+        out = {"name": name, "state": run.state, "discarded": False}
+        if discard:
+            cwd = root.current_path()
+            if run.mode == "isolated":
+                if os.path.isdir(run.workdir):
+                    self.git.run(cwd, ["worktree", "remove", "--force", "--", run.workdir],
+                                 timeout=120)
+                if run.branch:
+                    self.git.run(cwd, ["branch", "-D", "--", run.branch], ok_codes=(0, 1))
+            shutil.rmtree(run.state_dir, ignore_errors=True)
+            with self.cond:
+                self.runs.pop((self.key(root), name), None)
+                self.version += 1
+                self.cond.notify_all()
+            out.update(state="discarded", discarded=True)
+        return out
+
+    def shutdown(self) -> None:
+        """Stop every running turn; they become `interrupted` and can be resumed later."""
+        with self.cond:
+            self.closing = True
+            live = [r for r in self.runs.values() if r.proc is not None or r.state in ACTIVE]
+        for run in live:
+            if run.proc is not None:
+                kill_group(run.proc)
+        for run in live:
+            if run.thread is not None:
+                run.thread.join(10)
+            with self.cond:
+                if run.state in ACTIVE:
+                    run.state = "interrupted"
+                    self._changed(run)
+
+    # -- results -----------------------------------------------------------------------
+    def diff(self, run: Run, path: Optional[str], limit: int) -> Dict[str, Any]:
+        if run.mode != "isolated" or not run.base:
+            raise PatchbayError("%s works in the workspace itself and has no diff of its own; "
+                                "use changes" % run.name)
+        spec = ["--", ":(literal)" + path] if path else []
+        names = self.git.run(run.workdir, ["diff", "--name-status", "-z", run.base] + spec)
+        fields = [f.decode("utf-8", "replace") for f in names.split(b"\0") if f]
+        files = [{"status": fields[i][0], "path": fields[i + 1]}
+                 for i in range(0, len(fields) - 1, 2) if not fields[i].startswith(("R", "C"))]
+        text = self.git.run(run.workdir, ["diff", "--no-ext-diff", "--no-textconv", "--no-color",
+                                          run.base] + spec).decode("utf-8", "replace")
+        status = self.git.status(run.workdir)
+        for entry in status["files"]:  # new files not committed yet (a turn is running)
+            if entry["index"] == "?" and (not path or entry["path"].startswith(path)):
+                files.append({"status": "A", "path": entry["path"]})
+                text += self.git.run(run.workdir, ["diff", "--no-index", "--no-color", "--",
+                                                   os.devnull, entry["path"]],
+                                     ok_codes=(0, 1)).decode("utf-8", "replace")
+        diff, cut = cap_text(text, limit)
+        return {"name": run.name, "branch": run.branch, "base": run.base[:12], "files": files,
+                "diff": diff, "truncated": cut}
+
+    def integrate(self, root: Root, run: Run, dry_run: bool) -> Dict[str, Any]:
+        if run.mode != "isolated" or not run.base:
+            raise PatchbayError("%s changed the workspace directly; nothing to integrate"
+                                % run.name)
+        if run.state in ACTIVE:
+            raise PatchbayError("%s is %s; wait for it (codex_status wait_s) or stop it"
+                                % (run.name, run.state), "BUSY")
+        self.commit(run, "uncommitted changes")
+        tip = self.git.run(run.workdir, ["rev-parse", "HEAD"]).decode().strip()
+        raw = self.git.run(run.workdir, ["diff", "--name-only", "-z", "--no-renames",
+                                         run.base, tip])
+        files = sorted({f.decode("utf-8", "replace") for f in raw.split(b"\0") if f})
+        if not files:
+            return {"name": run.name, "integrated": False, "files": [],
+                    "message": "the worker changed nothing"}
+        cwd = root.current_path()
+        self.git.require(cwd)
+        dirty = sorted({f["path"] for f in self.git.status(cwd)["files"]} & set(files))
+        if dirty:
+            raise PatchbayError("not integrated: these files have uncommitted changes in the "
+                                "workspace: %s; commit or stash them first" % ", ".join(dirty),
+                                "CONFLICT", files=dirty)
+        patch = self.git.run(run.workdir, ["diff", "--binary", "--no-ext-diff", "--no-textconv",
+                                           "--no-renames", run.base, tip])
+        check = self.git.call(cwd, ["apply", "--check", "--whitespace=nowarn"], patch)
+        if check.returncode != 0:
+            err = check.stderr.decode("utf-8", "replace")
+            bad = sorted(set(re.findall(r"error: (?:patch failed: )?([^:\n]+)", err)) & set(files))
+            raise PatchbayError("not integrated: the changes conflict with the workspace in %s"
+                                % (", ".join(bad) or err.strip()[:300]), "CONFLICT", files=bad)
+        if dry_run:
+            return {"name": run.name, "integrated": False, "dry_run": True, "files": files}
+        self.git.run(cwd, ["apply", "--whitespace=nowarn"], input=patch)
+        return {"name": run.name, "integrated": True, "files": files,
+                "message": "applied as uncommitted changes; review them with `changes`"}
+
+    def transcript(self, run: Run, limit: int) -> Dict[str, Any]:
+        """The newest messages of this run's own Codex session, bounded and redacted."""
+        messages: List[Dict[str, str]] = []
+        if run.thread_id and re.fullmatch(r"[0-9A-Za-z-]{8,64}", run.thread_id):
+            codex_home = os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex")
+            pattern = os.path.join(codex_home, "sessions", "*", "*", "*",
+                                   "rollout-*-%s.jsonl" % run.thread_id)
+            import glob  # only transcripts need it
+            for path in sorted(glob.glob(pattern))[-1:]:
+                with open(path, "rb") as f:
+                    f.seek(max(0, os.path.getsize(path) - 8 * 1024 * 1024))
+                    lines = f.read().splitlines()
+                for line in lines:
+                    msg = self._rollout_message(line)
+                    if msg:
+                        messages.append(msg)
+        return {"name": run.name, "messages": messages[-limit:],
+                "total_messages": len(messages)}
+
+    def _rollout_message(self, line: bytes) -> Optional[Dict[str, str]]:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            return None
+        payload = entry.get("payload") if isinstance(entry, dict) else None
+        if entry.get("type") != "response_item" or not isinstance(payload, dict):
+            return None
+        if payload.get("type") != "message" or payload.get("role") not in ("user", "assistant"):
+            return None
+        text = "".join(c.get("text", "") for c in payload.get("content") or []
+                       if isinstance(c, dict) and isinstance(c.get("text"), str))
+        if not text or text.lstrip().startswith(("<environment_context>", "<permissions")):
+            return None
+        return {"role": payload["role"], "text": cap_text(self.redactor(text), 2000)[0]}
+
+
+# =======================================================================================
 # §8 Tools: one registry feeds MCP and Actions
 # =======================================================================================
 
@@ -1917,9 +2511,9 @@ class Workbench:
     """The tool handlers. `tool_<name>` methods; TOOLS below declares them."""
 
     def __init__(self, cfg: Config, workspaces: Workspaces, guard: PathGuard, git: Git,
-                 channel: Channel, redactor: Redactor) -> None:
+                 channel: Channel, redactor: Redactor, runner: CodexRunner) -> None:
         self.cfg, self.workspaces, self.guard, self.git = cfg, workspaces, guard, git
-        self.channel, self.redactor = channel, redactor
+        self.channel, self.redactor, self.runner = channel, redactor, runner
         self.policy = CommandPolicy(tuple(r.real for r in workspaces.roots.values()))
         self.limits = cfg.limits
         self.rg = shutil.which("rg")
@@ -2319,6 +2913,51 @@ class Workbench:
         return out
 
 
+    # -- Codex workers and jobs --------------------------------------------------------
+    def tool_codex_plan_job(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        return self.runner.start(call.root, "plan", None, args["prompt"], "workspace",
+                                 args["model"]).report()
+
+    def tool_codex_apply_job(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        return self.runner.start(call.root, "apply", None, args["prompt"], "isolated",
+                                 args["model"]).report()
+
+    def tool_codex_worker_start(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        mode = "isolated" if args["workspace_mode"] == "isolated" else "read_only"
+        return self.runner.start(call.root, "worker", args["name"], args["brief"], mode,
+                                 args["model"]).report()
+
+    def tool_codex_worker_message(self, call: CallContext,
+                                  args: Dict[str, Any]) -> Dict[str, Any]:
+        return self.runner.message(call.root, args["worker"], args["message"]).report()
+
+    def tool_codex_status(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        runs = self.runner.wait(call.root, args["name"], args["wait_s"])
+        if args["name"]:
+            return runs[0].report()
+        return {"runs": [r.report() for r in runs]}
+
+    def tool_codex_diff(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        path = None
+        if args["path"]:
+            parts = self.guard.split(call.root, args["path"])
+            self.guard.check(call.root, parts)
+            path = rel(parts)
+        return self.runner.diff(self.runner.get(call.root, args["name"]), path,
+                                min(args["max_bytes"], self.limits["text_chars"]))
+
+    def tool_codex_integrate(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        return self.runner.integrate(call.root, self.runner.get(call.root, args["name"]),
+                                     args["dry_run"])
+
+    def tool_codex_stop(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        return self.runner.stop(call.root, args["name"], args["discard"])
+
+    def tool_codex_transcript(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
+        return self.runner.transcript(self.runner.get(call.root, args["name"]),
+                                      args["max_messages"])
+
+
 def _p_path(desc: str = "Path relative to the workspace root.", default: Any = REQUIRED) -> Param:
     return Param("string", desc, default, max_length=4096)
 
@@ -2410,6 +3049,67 @@ TOOL_SPECS += [
       "timeout_s": Param("integer", "Seconds before the whole process group is killed "
                          "(Actions: at most 40).", 60, minimum=1, maximum=3600)},
      {"read_only": False, "destructive": True, "idempotent": False, "open_world": True}),
+]
+
+
+_NAME = Param("string", "Worker or job name, e.g. fix-login or plan-1.", max_length=40)
+_MODEL = Param("string", "Codex model slug; default from the profile.", None, max_length=64,
+               nullable=True)
+_PROMPT = Param("string", "What Codex should do.", max_length=100_000)
+TOOL_SPECS += [
+    ("codex_plan_job", "plan",
+     "Start a Codex run that studies the workspace read-only and answers with a plan; "
+     "returns its name at once.",
+     {"prompt": _PROMPT, "model": _MODEL},
+     {"read_only": False, "destructive": False, "idempotent": False, "open_world": True}),
+    ("codex_apply_job", "codex",
+     "Start a one-shot Codex run in a new isolated git worktree; review with codex_diff.",
+     {"prompt": _PROMPT, "model": _MODEL},
+     {"read_only": False, "destructive": False, "idempotent": False, "open_world": True}),
+    ("codex_worker_start", "codex",
+     "Start a named Codex worker (own worktree and branch patchbay/NAME); its first turn "
+     "begins at once.",
+     {"name": _NAME, "brief": _PROMPT,
+      "workspace_mode": Param("string", "isolated (own worktree) or read_only (advice only).",
+                              "isolated", enum=["isolated", "read_only"]),
+      "model": _MODEL},
+     {"read_only": False, "destructive": False, "idempotent": False, "open_world": True}),
+    ("codex_worker_message", "codex",
+     "Send a worker its next instruction (resumes its Codex session; queued while a turn "
+     "runs).",
+     {"worker": _NAME, "message": _PROMPT},
+     {"read_only": False, "destructive": False, "idempotent": False, "open_world": True}),
+    ("codex_status", "plan",
+     "State, last message and changed files of one worker or job, or all; wait_s waits for "
+     "the next change.",
+     {"name": Param("string", "One worker or job; all when omitted.", None, max_length=40,
+                    nullable=True),
+      "wait_s": Param("integer", "Return early on any change, at most this long.", 0,
+                      minimum=0, maximum=25)},
+     {"read_only": True}),
+    ("codex_diff", "codex",
+     "Everything a worker changed against its base commit, committed or not.",
+     {"name": _NAME, "path": Param("string", "Limit to this path.", None, max_length=4096,
+                                   nullable=True),
+      "max_bytes": Param("integer", "Most characters of diff.", 60000, minimum=1,
+                         maximum=100000)},
+     {"read_only": True}),
+    ("codex_integrate", "codex",
+     "Apply a worker's changes to the workspace as uncommitted changes; refuses on conflicts "
+     "or dirty files.",
+     {"name": _NAME, "dry_run": Param("boolean", "Only check that it would apply.", False)},
+     {"read_only": False, "destructive": True, "idempotent": False}),
+    ("codex_stop", "plan",
+     "Stop a worker's or job's running turn; discard=true also removes its worktree and "
+     "branch.",
+     {"name": _NAME, "discard": Param("boolean", "Also delete worktree, branch and state.",
+                                      False)},
+     {"read_only": False, "destructive": True, "idempotent": True}),
+    ("codex_transcript", "transcript",
+     "The newest messages of a worker's own Codex session, bounded and redacted.",
+     {"name": _NAME, "max_messages": Param("integer", "Most messages.", 40, minimum=1,
+                                           maximum=200)},
+     {"read_only": True}),
 ]
 
 
@@ -2767,8 +3467,9 @@ class App:
             self.workspaces.default = active
         self.guard = PathGuard(cfg.blocked_globs, protected=(cfg.home,))
         self.git = Git()
+        self.runner = CodexRunner(cfg, self.git, self.redactor)
         self.bench = Workbench(cfg, self.workspaces, self.guard, self.git, self.channel,
-                               self.redactor)
+                               self.redactor, self.runner)
         self.registry = build_registry(self.bench)
         self.audit = Audit(cfg.home, self.redactor, cfg.limits["audit_bytes"])
         self.dispatcher = Dispatcher(cfg, self.bench, self.registry, self.audit)
@@ -2776,6 +3477,10 @@ class App:
         self.sessions = McpSessions(cfg.limits["max_sessions"], cfg.limits["session_idle_s"])
         self.local_url = ""
         self._openapi: Dict[str, bytes] = {}
+
+    def close(self) -> None:
+        """Stop Codex turns (they become interrupted) so no child outlives the server."""
+        self.runner.shutdown()
 
     def openapi(self) -> bytes:
         url = self.access.public_url() or self.local_url.rstrip("/")
@@ -3156,12 +3861,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.serve_forever(poll_interval=0.25)
     finally:
         server.server_close()
+        app.close()
     return 0
 
 
 def cmd_stdio(args: argparse.Namespace) -> int:
     app = App(config_from_args(args))
-    return serve_stdio(McpEndpoint(app.dispatcher, "stdio"), sys.stdin.buffer, sys.stdout.buffer)
+    try:
+        return serve_stdio(McpEndpoint(app.dispatcher, "stdio"), sys.stdin.buffer,
+                           sys.stdout.buffer)
+    finally:
+        app.close()
 
 
 def args_common(p: argparse.ArgumentParser) -> None:

@@ -85,6 +85,7 @@ class InProcessServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)
+        self.app.close()
 
 
 class ServeProcess:
