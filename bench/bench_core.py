@@ -89,7 +89,7 @@ class Children:
 
     def spawn(self, argv: list[str], pipe_stdout: bool) -> subprocess.Popen[bytes]:
         self.count += 1
-        log = open(self.log_dir / ("child-%d.stderr" % self.count), "wb")  # noqa: SIM115
+        log = open(self.log_dir / ("child-%d.stderr" % self.count), "wb")
         try:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stderr=log, env=child_env(), cwd=MAIN,
@@ -383,7 +383,13 @@ def summarize(clients: int, duration: float, stats: list[ClientStats], cpu0: Opt
         clients=clients, seconds=duration, requests=total, rps=round(total / duration, 1),
         p50_ms=_round(percentile(latencies, 0.50)), p99_ms=_round(percentile(latencies, 0.99)),
         server_cpu_ms_per_request=cpu_per_req, bench_cpu_s=round(bench_cpu, 2),
-        errors=[s.error for s in stats if s.error])
+        errors=root_causes_first([s.error for s in stats if s.error]))
+
+
+def root_causes_first(errors: list[str]) -> list[str]:
+    """Distinct errors; a client that failed breaks the barrier for the rest, so the
+    BrokenBarrierError echoes go last."""
+    return sorted(set(errors), key=lambda e: (e.startswith("BrokenBarrierError"), e))
 
 
 def _round(value: Optional[float]) -> Optional[float]:
@@ -489,12 +495,12 @@ def print_table(startup: dict[str, Any], load: dict[str, dict[str, Any]],
     for label, a, b, r in rows:
         print("%-26s %10.1f %10.1f %7sx %6s %s" % (
             label, a, b, r["value"], ">=%g" % r["target"], "ok" if r["met"] else "MISSED"))
-    print("\n%-26s %10s %10s" % ("detail", "patchbay", "sdk peer"))
+    print("\n%-32s %10s %10s" % ("detail", "patchbay", "sdk peer"))
     for c in client_counts:
         key = "c%d" % c
         for metric in ("p50_ms", "p99_ms", "server_cpu_ms_per_request", "bench_cpu_s"):
             a, b = load["patchbay"][key][metric], load["peer"][key][metric]
-            print("%-26s %10s %10s" % ("%s %s" % (key, metric), a, b))
+            print("%-32s %10s %10s" % ("%s %s" % (key, metric), a, b))
     print("(ratios: rps is patchbay/peer, startup is peer/patchbay; above 1 favours PatchBay)")
 
 
@@ -520,7 +526,8 @@ def machine_info() -> dict[str, Any]:
             "python": platform.python_version(), "implementation":
             platform.python_implementation(), "platform": platform.platform(),
             "loadavg_start": os.getloadavg(), "mcp": package_version("mcp"),
-            "uvicorn": package_version("uvicorn"), "patchbay_commit": git_head()}
+            "uvicorn": package_version("uvicorn"), "patchbay_commit": git_head(),
+            "patchbay_sha256": hashlib.sha256((MAIN / "patchbay.py").read_bytes()).hexdigest()}
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:

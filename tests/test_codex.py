@@ -312,7 +312,8 @@ def test_fsmonitor_and_filters_never_run(codex_env: FakeModel, start: Any, repo:
     assert not marker.exists()
     git(repo, "config", "filter.evil.clean", "touch %s" % marker)
     refused, err = client.call("codex_apply_job", {"prompt": "again"})
-    assert err and refused["error"] == "UNSUPPORTED_REPO" and "filter.evil.clean" in refused["message"]
+    assert err and refused["error"] == "UNSUPPORTED_REPO"
+    assert "filter.evil.clean" in refused["message"]
     assert not marker.exists()
 
 

@@ -7,12 +7,14 @@ sees them.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
 import queue
 import re
 import secrets
+import shutil
 import string
 import subprocess
 import sys
@@ -383,6 +385,18 @@ def test_tool_list_names_and_explicit_annotations(start_server, profile):
         assert tool["annotations"]["openWorldHint"] is False, name
 
 
+def test_mutating_tools_are_annotated_as_such(start_server):
+    """SPEC §4/§7: power adds write/edit/patch and run_command; they overwrite or delete."""
+    power = {t["name"]: t for t in tools_list(start_server(profile="power").url)}
+    for name in ("write_file", "edit_file", "apply_patch", "run_command"):
+        assert name in power, name
+        ann = power[name]["annotations"]
+        assert ann["readOnlyHint"] is False, name
+        assert ann["destructiveHint"] is True, name
+    readonly = {t["name"] for t in tools_list(start_server(profile="readonly").url)}
+    assert not readonly & {"write_file", "edit_file", "apply_patch", "run_command"}
+
+
 def test_tools_list_is_deterministic(server):
     assert tools_list(server.url) == tools_list(server.url)
 
@@ -478,6 +492,33 @@ def test_session_bound_to_credential_across_token_rotation(start_server, home):
     assert fresh.rpc("ping")["result"] == {}
 
 
+@pytest.mark.parametrize("first_headers", [
+    {"Authorization": "Bearer wrong-token"},                        # 401 before the body
+    {"Origin": "http://evil.example.com"},                         # 403 before the body
+], ids=["wrong-token", "bad-origin"])
+def test_rejected_post_does_not_desync_a_kept_alive_connection(start_server, first_headers):
+    """A request refused before its body is read must not leave that body on the wire to
+    be parsed as the next request (tunnels and the SDK reuse connections)."""
+    token = secrets.token_urlsafe(32)
+    srv = start_server(token=token)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    try:
+        body = json.dumps(init_msg(LATEST))
+        good = dict(JSON_HEADERS, Authorization="Bearer " + token)
+        conn.request("POST", "/mcp", body, dict(good, **first_headers))
+        first = conn.getresponse()
+        first.read()
+        assert first.status in (401, 403)
+        # Same connection object: http.client reconnects only if the server said close.
+        conn.request("POST", "/mcp", body, good)
+        second = conn.getresponse()
+        raw = second.read()
+        assert second.status == 200, (second.status, raw[:200])
+        assert json.loads(raw)["result"]["protocolVersion"] == LATEST
+    finally:
+        conn.close()
+
+
 def test_static_token_session_via_query_token_is_the_same_credential(start_server):
     token = secrets.token_urlsafe(32)
     srv = start_server(token=token)
@@ -500,12 +541,13 @@ class StdioChild:
     """`patchbay.py stdio` with a reader thread, so every read has a timeout."""
 
     def __init__(self, home: Path, root: Path) -> None:
-        argv = [sys.executable, str(SCRIPT), "--home", str(home), "-v", "stdio",
+        python = shutil.which("python3") or sys.executable  # a plain, stdlib-only Python
+        argv = [python, str(SCRIPT), "--home", str(home), "-v", "stdio",
                 "--root", str(root)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHBAY_")}
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env)
-        self.lines: "queue.Queue[Optional[bytes]]" = queue.Queue()
+        self.lines: queue.Queue[Optional[bytes]] = queue.Queue()
         self.raw: List[bytes] = []
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()

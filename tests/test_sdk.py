@@ -125,6 +125,9 @@ def test_sdk_client_with_wrong_token_fails(serve_process, mode):
     with pytest.raises(Exception):  # noqa: B017 - the SDK wraps it in an ExceptionGroup
         anyio.run(_sdk_run, proc.url + "/mcp", "wrong-" + token, mode, seen)
     assert seen, "the SDK never reached the server"
+    # Every POST must be refused with 401. Anything else (the SDK's auto mode saw 501)
+    # means the server misread the connection after an early 401: see
+    # test_mcp.py::test_rejected_post_does_not_desync_a_kept_alive_connection.
     assert all(s == 401 for m, _, s in seen if m == "POST"), seen
     assert token not in proc.stderr()
 
