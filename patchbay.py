@@ -37,6 +37,7 @@ import argparse
 import datetime
 import errno
 import fnmatch
+import glob
 import hashlib
 import hmac
 import http.server
@@ -271,10 +272,26 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
         raise
 
 
+def json_len(text: str) -> int:
+    """Characters `text` takes inside a JSON string: escapes count (a quote is 2, a control
+    character 6), so results capped this way really fit the 100k-character limits."""
+    return len(json.dumps(text, ensure_ascii=False)) - 2
+
+
 def cap_text(text: str, limit: int) -> Tuple[str, bool]:
-    if len(text) <= limit:
+    """Cut text so its JSON encoding fits in `limit`, at a line break when one is near."""
+    if len(text) <= limit // 6 or json_len(text) <= limit:
         return text, False
-    return text[:limit], True
+    cut = min(len(text), limit)
+    while cut > 0:
+        size = json_len(text[:cut])
+        if size <= limit:
+            break
+        cut = max(0, cut * limit // size - 1)
+    newline = text.rfind("\n", 0, cut)
+    if newline > cut // 2:
+        cut = newline + 1
+    return text[:cut], True
 
 
 def read_capped(stream: Any, limit: int) -> Tuple[bytes, bool]:
@@ -842,11 +859,11 @@ class PathGuard:
 
     def blocked(self, parts: List[str]) -> Optional[str]:
         folded = [fold(c) for c in parts]
-        for glob in self.globs:
-            k = len(glob)
+        for pattern in self.globs:
+            k = len(pattern)
             for j in range(len(folded) - k + 1):
-                if all(fnmatch.fnmatchcase(folded[j + t], glob[t]) for t in range(k)):
-                    return "/".join(glob)
+                if all(fnmatch.fnmatchcase(folded[j + t], pattern[t]) for t in range(k)):
+                    return "/".join(pattern)
         return None
 
     def check(self, root: Root, parts: List[str]) -> None:
@@ -860,10 +877,10 @@ class PathGuard:
                 if [fold(c) for c in parts[: len(prefix)]] == prefix:
                     raise PatchbayError("%s is PatchBay's own state directory" % rel(parts),
                                         "DENIED_PATH")
-        glob = self.blocked(parts)
-        if glob:
+        pattern = self.blocked(parts)
+        if pattern:
             raise PatchbayError("%s matches the blocked pattern %r (secrets are never read "
-                                "or written)" % (rel(parts), glob), "BLOCKED_FILE")
+                                "or written)" % (rel(parts), pattern), "BLOCKED_FILE")
 
     # -- kernel walk -------------------------------------------------------------------
     def walk(self, root: Root, parts: List[str], whole: bool,
@@ -2231,8 +2248,8 @@ class CodexRunner:
                                                    os.devnull, entry["path"]],
                                      ok_codes=(0, 1)).decode("utf-8", "replace")
         diff, cut = cap_text(text, limit)
-        return {"name": run.name, "branch": run.branch, "base": run.base[:12], "files": files,
-                "diff": diff, "truncated": cut}
+        return {"name": run.name, "branch": run.branch, "base": run.base[:12],
+                "files": files[:500], "diff": diff, "truncated": cut or len(files) > 500}
 
     def integrate(self, root: Root, run: Run, dry_run: bool) -> Dict[str, Any]:
         if run.mode != "isolated" or not run.base:
@@ -2277,7 +2294,6 @@ class CodexRunner:
             codex_home = os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex")
             pattern = os.path.join(codex_home, "sessions", "*", "*", "*",
                                    "rollout-*-%s.jsonl" % run.thread_id)
-            import glob  # only transcripts need it
             for path in sorted(glob.glob(pattern))[-1:]:
                 with open(path, "rb") as f:
                     f.seek(max(0, os.path.getsize(path) - 8 * 1024 * 1024))
@@ -2566,7 +2582,7 @@ class Workbench:
         return self.tool_workspace(call, {})
 
     def tool_list_files(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
-        root, limit = call.root, args["max_entries"]
+        root, limit, budget = call.root, args["max_entries"], self.limits["text_chars"]
         fd, base = self.guard.open_dir(root, args["path"])
         entries: List[Dict[str, Any]] = []
         truncated = False
@@ -2589,7 +2605,8 @@ class Workbench:
                     found = [f for f in found if rel(f[2]) not in ignored]
                 nxt: List[Tuple[int, List[str]]] = []
                 for info, dfd, parts in found:
-                    if len(entries) >= limit:
+                    budget -= len(dumps(info)) + 1
+                    if len(entries) >= limit or budget < 0:
                         truncated = True
                         break
                     entries.append(info)
@@ -2636,14 +2653,15 @@ class Workbench:
         truncated = False
         end = start - 1
         for line in lines[start - 1: start - 1 + args["max_lines"]]:
-            if used + len(line) > budget:
+            size = json_len(line)
+            if used + size > budget:
                 if not chunk:  # one huge line: return its head so the caller sees something
-                    chunk.append(line[:budget])
+                    chunk.append(cap_text(line, budget)[0])
                     end += 1
                 truncated = True
                 break
             chunk.append(line)
-            used += len(line)
+            used += size
             end += 1
         return {"path": rel(parts), "text": "".join(chunk), "start_line": start,
                 "end_line": end, "total_lines": len(lines),
@@ -2654,7 +2672,7 @@ class Workbench:
         root = call.root
         base = self.guard.split(root, args["path"], allow_root=True)
         self.guard.check(root, base)
-        limit = args["max_results"]
+        limit, budget = args["max_results"], self.limits["text_chars"]
         results: List[Dict[str, Any]] = []
         truncated = False
         for backend, hits in self._search_backends(call, root, base, args):
@@ -2662,12 +2680,14 @@ class Workbench:
                 parts = path.split("/")
                 if not self.guard.visible(root, parts) or not self._glob_ok(args["glob"], path):
                     continue
-                if len(results) >= limit:
+                ref = "%s:%d" % (path, line)
+                hit = {"id": ref, "title": ref, "url": self._url(root, path, line),
+                       "path": path, "line": line, "snippet": text.strip()[:300]}
+                budget -= len(dumps(hit)) + 1
+                if len(results) >= limit or budget < 0:
                     truncated = True
                     break
-                ref = "%s:%d" % (path, line)
-                results.append({"id": ref, "title": ref, "url": self._url(root, path, line),
-                                "path": path, "line": line, "snippet": text.strip()[:300]})
+                results.append(hit)
             return {"results": results, "truncated": truncated, "backend": backend}
         raise PatchbayError("no search backend available", "UNAVAILABLE")  # pragma: no cover
 
@@ -2762,12 +2782,13 @@ class Workbench:
         if m:
             path, line = m.group(1), int(m.group(2))
         data, parts = self.guard.read(call.root, path, self.limits["read_bytes"])
-        text, cut = cap_text(self._text(data, parts), self.limits["text_chars"])
+        full = self._text(data, parts)
+        text, cut = cap_text(full, self.limits["text_chars"])
         return {"id": ref, "title": rel(parts), "text": text,
                 "url": self._url(call.root, rel(parts), line),
                 "metadata": {"path": rel(parts), "line": line, "workspace": call.root.name,
                              "sha256": hashlib.sha256(data).hexdigest(),
-                             "total_lines": text.count("\n") + (not text.endswith("\n")),
+                             "total_lines": len(full.splitlines()),
                              "truncated": cut}}
 
     def tool_changes(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
@@ -2792,7 +2813,7 @@ class Workbench:
                              min(args["max_bytes"], self.limits["text_chars"]))
         hidden = len(st["files"]) - len(files) if not prefix else None
         out = {"branch": st["branch"], "head": st["head"], "staged": args["staged"],
-               "files": files, "diff": text, "truncated": cut}
+               "files": files[:1000], "diff": text, "truncated": cut or len(files) > 1000}
         if hidden:
             out["hidden_blocked"] = hidden
         return out
@@ -2907,8 +2928,10 @@ class Workbench:
                         extra={"TERM": "dumb", "PAGER": "cat", "GIT_PAGER": "cat"})
         out = run_capped(["bash", "-c", command], cwd, env, timeout,
                          self.limits["output_bytes"], call.cancel)
-        out["stdout"] = self.redactor(out["stdout"])
-        out["stderr"] = self.redactor(out["stderr"])
+        cap = self.limits["output_bytes"]
+        for key, limit in (("stdout", cap), ("stderr", cap // 2)):
+            out[key], cut = cap_text(self.redactor(out[key]), limit)
+            out[key + "_truncated"] = out[key + "_truncated"] or cut
         out["cwd"] = rel(parts)
         return out
 
@@ -3526,6 +3549,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _route(self, method: str) -> None:
         self._t0 = time.monotonic()
+        # A body we never read would be parsed as the next request on this connection, so
+        # any answer given before reading it closes the connection.
+        self._unread = bool(self.headers.get("Content-Length", "0").strip("0 ")
+                            or self.headers.get("Transfer-Encoding"))
         try:
             self._dispatch(method)
         except HttpError as exc:
@@ -3625,6 +3652,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                 close=True)
         deadline = time.monotonic() + self.server.app.cfg.limits["request_timeout_s"]
         chunks, got = [], 0
+        self._unread = False  # from here on the body is consumed or the connection closed
         while got < size:
             if time.monotonic() > deadline:
                 raise HttpError(408, {"error": "timeout", "message": "body too slow"}, close=True)
@@ -3727,7 +3755,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             lines += ["Access-Control-Allow-Origin: " + origin.rstrip("/"), "Vary: Origin",
                       "Access-Control-Expose-Headers: Mcp-Session-Id"]
         lines += ["%s: %s" % h for h in headers]
-        if close or self.close_connection:
+        if close or self.close_connection or getattr(self, "_unread", False):
             lines.append("Connection: close")
             self.close_connection = True
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -3874,6 +3902,75 @@ def cmd_stdio(args: argparse.Namespace) -> int:
         app.close()
 
 
+def _job_runs(home: str, name: Optional[str], workspace: Optional[str]) -> List[Run]:
+    runs = []
+    for path in sorted(glob.glob(os.path.join(home, "runtime", "jobs", "*", "*", "state.json"))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                run = Run(**json.load(f))
+        except (OSError, ValueError, TypeError):
+            continue
+        run.state_dir = os.path.dirname(path)
+        if (name is None or run.name == name) and (workspace is None or run.workspace == workspace):
+            runs.append(run)
+    if name is not None and not runs:
+        raise PatchbayError("no worker or job named %r (see `patchbay jobs list`)" % name)
+    if name is not None and len(runs) > 1:
+        raise UsageError("%r exists in several workspaces (%s); add --workspace"
+                         % (name, ", ".join(r.workspace for r in runs)))
+    return runs
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """The terminal view of workers and jobs, read from their state files."""
+    if args.action != "list" and not args.name:
+        raise UsageError("jobs %s needs a NAME (see `patchbay jobs list`)" % args.action)
+    runs = _job_runs(resolve_home(args), args.name if args.action != "list" else None,
+                     args.workspace)
+    if args.action == "list":
+        if args.json:
+            print(dumps([dict(r.report(), workspace=r.workspace) for r in runs]))
+            return 0
+        print("%-20s %-24s %-7s %-12s %5s  %s" % ("WORKSPACE", "NAME", "KIND", "STATE",
+                                                 "TURNS", "UPDATED"))
+        for r in runs:
+            print("%-20s %-24s %-7s %-12s %5d  %s" % (r.workspace[:20], r.name, r.kind,
+                                                     r.state, r.turns, r.updated))
+        return 0
+    run = runs[0]
+    if args.action == "show":
+        print(json.dumps(dict(run.report(), workspace=run.workspace), indent=None if args.json
+                         else 2))
+    elif args.action == "logs":
+        for name in ("events.jsonl", "stderr.log"):
+            try:
+                with open(os.path.join(run.state_dir, name), encoding="utf-8",
+                          errors="replace") as f:
+                    lines = f.read().splitlines()[-args.lines:]
+            except OSError:
+                continue
+            print("== %s ==" % name)
+            print("\n".join(lines))
+    elif args.action == "cancel":
+        if run.state not in ACTIVE:
+            print("%s is %s; nothing to cancel" % (run.name, run.state))
+            return 0
+        CodexRunner._kill_stale(run.pgid)
+        run.state, run.pgid, run.error = "cancelled", None, "cancelled from the terminal"
+        run.updated = iso()
+        atomic_write(os.path.join(run.state_dir, "state.json"),
+                     (json.dumps(run.saved(), indent=1) + "\n").encode())
+        print("%s cancelled" % run.name)
+    return 0
+
+
+def args_jobs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["list", "show", "logs", "cancel"])
+    p.add_argument("name", nargs="?", help="worker or job name (not for list)")
+    p.add_argument("--workspace", help="only this workspace")
+    p.add_argument("--lines", type=int, default=40, help="log lines to show (logs)")
+
+
 def args_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", action="append", metavar="DIR",
                    help="workspace root (repeatable; the first is the default)")
@@ -3897,6 +3994,8 @@ COMMANDS: List[Tuple[str, Callable[[argparse.Namespace], int], str,
     ("serve", cmd_serve, "run the HTTP server (MCP at /mcp, Actions at /actions/<tool>)",
      args_serve),
     ("stdio", cmd_stdio, "speak MCP over stdin/stdout for local MCP hosts", args_common),
+    ("jobs", cmd_jobs, "list, show, read the logs of, or cancel Codex workers and jobs",
+     args_jobs),
 ]
 
 

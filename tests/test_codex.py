@@ -327,3 +327,39 @@ def test_readonly_profile_only_plans(start: Any) -> None:
                         "codex_transcript"}
 
 
+
+
+def test_jobs_cli_lists_shows_logs_and_cancels(codex_env: FakeModel, start: Any,
+                                               home: Path) -> None:
+    import subprocess
+    import sys
+
+    from pbtest import SCRIPT
+
+    codex_env.add(message("listed"), hang())
+    srv = start(**codex_profile())
+    client = Mcp(srv.url)
+    client.initialize()
+    client.call("codex_worker_start", {"name": "cli-one", "brief": "hello"})
+    wait_state(client, "cli-one", ("idle",))
+
+    def jobs(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(SCRIPT), "--home", str(home), "jobs", *args],
+                              capture_output=True, text=True, timeout=30)
+
+    listed = jobs("list")
+    assert listed.returncode == 0 and "cli-one" in listed.stdout and "idle" in listed.stdout
+    shown = jobs("show", "cli-one")
+    assert json.loads(shown.stdout)["last_message"] == "listed"
+    logs = jobs("logs", "cli-one")
+    assert "thread.started" in logs.stdout and "agent_message" in logs.stdout
+    client.call("codex_worker_message", {"worker": "cli-one", "message": "hang"})
+    wait_state(client, "cli-one", ("running",))
+    run = next(iter(srv.app.runner.runs.values()))
+    pgid = run.pgid
+    cancelled = jobs("cancel", "cli-one")
+    assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+    assert pgid and not group_alive(pgid)
+    missing = jobs("show", "nope")
+    assert missing.returncode == 1 and "patchbay: error:" in missing.stderr
+    assert "Traceback" not in missing.stderr
