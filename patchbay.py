@@ -40,22 +40,19 @@ import fnmatch
 import glob
 import hashlib
 import hmac
-import http.server
 import json
-import logging
 import os
 import re
 import secrets
 import shutil
 import signal
 import socket
+import socketserver
 import stat
 import subprocess
 import sys
 import threading
 import time
-import traceback
-import unicodedata
 import urllib.parse
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -104,7 +101,29 @@ DEFAULT_LIMITS: Dict[str, int] = {
     "audit_bytes": 5 * 1024 * 1024,
 }
 
-log = logging.getLogger(NAME)
+class Log:
+    """Lines to stderr. `verbose` (set once by -v) adds info lines: the access log."""
+
+    def __init__(self) -> None:
+        self.verbose = False
+        self._lock = threading.Lock()
+
+    def info(self, fmt: str, *args: Any) -> None:
+        if self.verbose:
+            self._write(fmt, args)
+
+    def warning(self, fmt: str, *args: Any) -> None:
+        self._write(fmt, args)
+
+    error = warning
+
+    def _write(self, fmt: str, args: Tuple[Any, ...]) -> None:
+        with self._lock:
+            sys.stderr.write("patchbay: %s\n" % (fmt % args if args else fmt))
+            sys.stderr.flush()
+
+
+log = Log()
 
 
 # =======================================================================================
@@ -207,18 +226,21 @@ def _reject_constant(name: str) -> Any:
 
 
 # Secret shapes that must never reach a log, a child's output or a tool report.
-_SECRET_PATTERNS = [
-    re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?"
-               r"(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)",
-               re.S),
-    re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"),
-    re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
-    re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
-    re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
-    re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),
-    re.compile(r"(?i)(%s=)[^&\s\"']+" % QUERY_TOKEN),
-    re.compile(r"(?i)(authorization:\s*bearer\s+)\S+"),
-]
+# Secret shapes that must never reach a log, a child's output or a tool report. One
+# alternation, one pass; `keep` is a prefix that stays (the name before a query token).
+_SECRETS = re.compile("|".join([
+    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)",
+    r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})",
+    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",
+    r"\bxox[abposr]-[A-Za-z0-9-]{10,}",
+    r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
+    r"\bsk-[A-Za-z0-9_-]{20,}",
+    r"(?P<keep>(?i:%s=|authorization:\s*bearer\s+))[^&\s\"']+" % QUERY_TOKEN,
+]), re.S)
+
+
+_SECRET_HINTS = ("private key", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "akia",
+                 "asia", "xox", "eyj", "sk-", QUERY_TOKEN, "bearer")
 
 
 class Redactor:
@@ -235,9 +257,10 @@ class Redactor:
         for secret in self._exact:
             if secret in text:
                 text = text.replace(secret, "[REDACTED]")
-        for pat in _SECRET_PATTERNS:
-            text = pat.sub(lambda m: (m.group(1) if m.re.groups else "") + "[REDACTED]", text)
-        return text
+        lowered = text.lower()
+        if not any(hint in lowered for hint in _SECRET_HINTS):
+            return text  # cheap test first: most lines carry no secret shape at all
+        return _SECRETS.sub(lambda m: (m.group("keep") or "") + "[REDACTED]", text)
 
 
 def private_dir(path: str) -> str:
@@ -765,6 +788,9 @@ def fold(name: str) -> str:
     NFC, case folded, with invisible (default-ignorable) code points removed, so `.ENV`,
     `.E\u200bnv` and `.env` are one name to the blocked-file check.
     """
+    if name.isascii():  # the common case: nothing to normalise or remove
+        return name.lower()
+    import unicodedata  # only non-ASCII names need it
     name = unicodedata.normalize("NFC", name)
     name = "".join(ch for ch in name
                    if not (ord(ch) in _IGNORABLE or unicodedata.category(ch) == "Cf"
@@ -815,7 +841,14 @@ class PathGuard:
     """
 
     def __init__(self, blocked_globs: List[str], protected: Tuple[str, ...] = ()) -> None:
-        self.globs = [[fold(c) for c in g.split("/") if c] for g in blocked_globs]
+        globs = [[fold(c) for c in g.split("/") if c] for g in blocked_globs]
+        # One regex for all one-component globs (checked against every component), and a
+        # list of per-component regexes for globs such as .ssh/* (checked on windows).
+        single = [fnmatch.translate(g[0]) for g in globs if len(g) == 1]
+        self.single = re.compile("|".join(single)) if single else None
+        self.multi = [(g, [re.compile(fnmatch.translate(c)) for c in g])
+                      for g in globs if len(g) > 1]
+        self.singles = [g[0] for g in globs if len(g) == 1]
         self.protected = [os.path.realpath(p) for p in protected]
         # Held across read-check-write so concurrent edits with expected_sha256 never
         # lose an update (edits in this process; other writers are caught by the hash).
@@ -858,11 +891,16 @@ class PathGuard:
         return "/".join(p[len(b):])
 
     def blocked(self, parts: List[str]) -> Optional[str]:
+        """The blocked glob that matches any component (or run of components), if any."""
         folded = [fold(c) for c in parts]
-        for pattern in self.globs:
-            k = len(pattern)
+        if self.single is not None:
+            for name in folded:
+                if self.single.match(name):
+                    return next(g for g in self.singles if fnmatch.fnmatchcase(name, g))
+        for pattern, regexes in self.multi:
+            k = len(regexes)
             for j in range(len(folded) - k + 1):
-                if all(fnmatch.fnmatchcase(folded[j + t], pattern[t]) for t in range(k)):
+                if all(regexes[t].match(folded[j + t]) for t in range(k)):
                     return "/".join(pattern)
         return None
 
@@ -1000,7 +1038,7 @@ class PathGuard:
                 raise PatchbayError("%s is %d bytes, over the %d-byte read limit"
                                     % (rel(parts), st.st_size, cap), "TOO_LARGE")
             os.set_blocking(f.fileno(), True)
-            data = f.read(cap + 1)
+            data = f.read(min(cap, st.st_size) + 1 if st.st_size else cap + 1)
         if len(data) > cap:
             raise PatchbayError("%s grew over the read limit" % rel(parts), "TOO_LARGE")
         return data, parts
@@ -2652,7 +2690,11 @@ class Workbench:
         used = 0
         truncated = False
         end = start - 1
-        for line in lines[start - 1: start - 1 + args["max_lines"]]:
+        window = lines[start - 1: start - 1 + args["max_lines"]]
+        whole = "".join(window)
+        if len(whole) <= budget // 6 or json_len(whole) <= budget:  # the usual case: it fits
+            chunk, end, window = [whole], end + len(window), []
+        for line in window:
             size = json_len(line)
             if used + size > budget:
                 if not chunk:  # one huge line: return its head so the caller sees something
@@ -3157,6 +3199,8 @@ class Audit:
         self.path = os.path.join(self.dir, "audit.jsonl")
         self.redactor, self.cap = redactor, cap
         self._lock = threading.Lock()
+        self._fd: Optional[int] = None
+        self._size = 0
 
     def summary(self, args: Any) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
@@ -3172,23 +3216,33 @@ class Audit:
         return out
 
     def record(self, door: str, tool: str, args: Any, outcome: str, ms: float) -> None:
-        line = self.redactor(dumps({"ts": iso(), "door": door, "tool": tool,
-                                    "args": self.summary(args), "outcome": outcome,
-                                    "ms": round(ms, 1)})) + "\n"
+        line = (self.redactor(dumps({"ts": iso(), "door": door, "tool": tool,
+                                     "args": self.summary(args), "outcome": outcome,
+                                     "ms": round(ms, 1)})) + "\n").encode("utf-8")
         with self._lock:
             try:
-                private_dir(self.dir)
-                try:
-                    if os.path.getsize(self.path) > self.cap:
-                        os.replace(self.path, self.path + ".1")
-                except FileNotFoundError:
-                    pass
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                             0o600)
-                with os.fdopen(fd, "a", encoding="utf-8") as f:
-                    f.write(line)
+                if self._fd is None or self._size > self.cap:
+                    self._open()
+                assert self._fd is not None
+                self._size += os.write(self._fd, line)  # O_APPEND: one write, one line
             except OSError as exc:  # auditing must not take the server down
                 log.warning("audit log not written: %s", exc)
+
+    def _open(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            os.replace(self.path, self.path + ".1")
+        private_dir(self.dir)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                           0o600)
+        self._size = os.fstat(self._fd).st_size
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 class Dispatcher:
@@ -3200,8 +3254,9 @@ class Dispatcher:
         self.tools = {t.name: t for t in cfg.enabled_tools(registry)}
         bench.enabled = list(self.tools)
 
-    def call(self, name: str, args: Any, ctx: CallContext) -> Tuple[Dict[str, Any], bool]:
-        """Return (result, is_error). Unknown tools raise KeyError for the caller to map."""
+    def call(self, name: str, args: Any, ctx: CallContext) -> Tuple[Dict[str, Any], bool, str]:
+        """Return (result, is_error, result as JSON text): encoded once, here.
+        Unknown tools raise KeyError for the caller to map."""
         tool = self.tools[name]
         started = time.monotonic()
         outcome = "ok"
@@ -3209,24 +3264,38 @@ class Dispatcher:
             clean = tool.validate(args)
             ctx.root = self.bench.workspaces.get(ctx.choice.get())
             result = tool.handler(ctx, clean)
-            if len(dumps(result)) > self.cfg.limits["result_chars"]:
+            text = dumps(result)
+            if len(text) > self.cfg.limits["result_chars"]:
                 raise PatchbayError("the result is larger than %d characters; narrow the "
                                     "request" % self.cfg.limits["result_chars"], "TOO_LARGE")
-            return result, False
+            return result, False, text
         except PatchbayError as exc:
             outcome = exc.code
-            return exc.to_json(), True
+            result = exc.to_json()
         except OSError as exc:
             outcome = "OS_ERROR"
-            return {"error": "OS_ERROR", "message": "%s: %s" % (
-                type(exc).__name__, exc.strerror or "operating system error")}, True
+            result = {"error": "OS_ERROR", "message": "%s: %s" % (
+                type(exc).__name__, exc.strerror or "operating system error")}
         finally:
             self.audit.record(ctx.door, name, args, outcome, (time.monotonic() - started) * 1000)
+        return result, True, dumps(result)
 
 
 # =======================================================================================
 # §9 MCP: JSON-RPC methods, sessions, stdio
 # =======================================================================================
+
+class RawJson(str):
+    """A JSON document already encoded; encode_json writes it as it is."""
+
+
+def encode_json(obj: Any) -> str:
+    if isinstance(obj, RawJson):
+        return obj
+    if isinstance(obj, list) and any(isinstance(x, RawJson) for x in obj):
+        return "[" + ",".join(encode_json(x) for x in obj) + "]"
+    return dumps(obj)
+
 
 def rpc_error(msg_id: Any, code: int, message: str, data: Any = None) -> Dict[str, Any]:
     err: Dict[str, Any] = {"code": code, "message": message}
@@ -3315,7 +3384,7 @@ class McpEndpoint:
                   "instructions": self.INSTRUCTIONS}
         return {"jsonrpc": "2.0", "id": msg_id, "result": result}, version
 
-    def handle(self, msg: Any, session: McpSession) -> Optional[Dict[str, Any]]:
+    def handle(self, msg: Any, session: McpSession) -> Any:
         """One JSON-RPC message; None when nothing is to be sent back (notifications)."""
         if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
             return rpc_error(None, INVALID_REQUEST, "not a JSON-RPC 2.0 message")
@@ -3353,20 +3422,22 @@ class McpEndpoint:
             return self._call(msg_id, params, session)
         return rpc_error(msg_id, METHOD_NOT_FOUND, "method not found: %s" % method[:100])
 
-    def _call(self, msg_id: Any, params: Dict[str, Any], session: McpSession) -> Dict[str, Any]:
+    def _call(self, msg_id: Any, params: Dict[str, Any], session: McpSession) -> Any:
         name = params.get("name")
         if not isinstance(name, str) or name not in self.dispatcher.tools:
             return rpc_error(msg_id, INVALID_PARAMS, "Unknown tool: %s" % str(name)[:100])
         cancel = threading.Event()
         session.inflight[msg_id] = cancel
         try:
-            result, is_error = self.dispatcher.call(
+            _, is_error, text = self.dispatcher.call(
                 name, params.get("arguments"), CallContext(self.door, session.choice, cancel))
         finally:
             session.inflight.pop(msg_id, None)
-        return {"jsonrpc": "2.0", "id": msg_id, "result": {
-            "content": [{"type": "text", "text": dumps(result)}],
-            "structuredContent": result, "isError": is_error}}
+        # Built around the already-encoded result: the text item and structuredContent
+        # are the same JSON, so it is serialised once (and escaped once for the text).
+        return RawJson('{"jsonrpc":"2.0","id":%s,"result":{"content":[{"type":"text","text":%s}],'
+                       '"structuredContent":%s,"isError":%s}}'
+                       % (dumps(msg_id), dumps(text), text, "true" if is_error else "false"))
 
 
 def serve_stdio(endpoint: McpEndpoint, stdin: Any, stdout: Any) -> int:
@@ -3374,7 +3445,7 @@ def serve_stdio(endpoint: McpEndpoint, stdin: Any, stdout: Any) -> int:
     session: Optional[McpSession] = None
 
     def send(obj: Any) -> None:
-        stdout.write((dumps(obj) + "\n").encode("utf-8"))
+        stdout.write((encode_json(obj) + "\n").encode("utf-8"))
         stdout.flush()
 
     for raw in stdin:
@@ -3504,6 +3575,7 @@ class App:
     def close(self) -> None:
         """Stop Codex turns (they become interrupted) so no child outlives the server."""
         self.runner.shutdown()
+        self.audit.close()
 
     def openapi(self) -> bytes:
         url = self.access.public_url() or self.local_url.rstrip("/")
@@ -3513,45 +3585,115 @@ class App:
         return self._openapi[url]
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = NAME
-    sys_version = ""
+HTTP_REASONS = {
+    200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable",
+    408: "Request Timeout", 409: "Conflict", 411: "Length Required", 413: "Content Too Large",
+    414: "URI Too Long", 415: "Unsupported Media Type", 421: "Misdirected Request",
+    422: "Unprocessable Content", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    501: "Not Implemented", 503: "Service Unavailable", 504: "Gateway Timeout",
+    505: "HTTP Version Not Supported"}
+MAX_LINE = 16384        # request line or one header line
+MAX_HEADERS = 100
+MAX_KEEPALIVE = 100_000  # requests on one connection, a bound on the loop below
+TOKEN_CHARS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+class Headers:
+    """Request headers, case-insensitive, every value of a repeated header kept."""
+
+    def __init__(self) -> None:
+        self._values: Dict[str, List[str]] = {}
+
+    def add(self, name: str, value: str) -> None:
+        self._values.setdefault(name.lower(), []).append(value)
+
+    def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        values = self._values.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str) -> List[str]:
+        return self._values.get(name.lower(), [])
+
+
+class Handler(socketserver.StreamRequestHandler):
+    """HTTP/1.1 with keep-alive, parsed strictly by PatchBay itself.
+
+    The stdlib's BaseHTTPRequestHandler parses headers through the email package (slow to
+    import and to run) and logs raw request lines (query tokens included); this reads the
+    request line and headers with explicit limits, refuses obsolete line folding and bad
+    header names, and hands one Request to the router.
+    """
+
     disable_nagle_algorithm = True  # else delayed ACKs add ~40 ms per kept-alive response
     server: Server
 
     def setup(self) -> None:
-        self.connection_timeout = self.server.app.cfg.limits["request_timeout_s"]
         super().setup()
-        self.connection.settimeout(self.connection_timeout)
+        self.connection.settimeout(self.server.app.cfg.limits["request_timeout_s"])
+        self.command, self.path, self.headers = "", "", Headers()
+        self.close_connection = False
 
-    # Every method goes through one router, so no verb escapes the checks.
-    def do_GET(self) -> None:
-        self._route("GET")
+    def handle(self) -> None:
+        for _ in range(MAX_KEEPALIVE):
+            try:
+                if not self._read_head():
+                    return
+            except (TimeoutError, OSError):
+                return
+            self._route(self.command)
+            if self.close_connection:
+                return
 
-    def do_POST(self) -> None:
-        self._route("POST")
+    def _read_head(self) -> bool:
+        """Read a request line and headers; False when the connection should end."""
+        line = self.rfile.readline(MAX_LINE + 1)
+        if line in (b"\r\n", b"\n"):  # one empty line between requests is tolerated
+            line = self.rfile.readline(MAX_LINE + 1)
+        if not line:
+            return False
+        self._t0 = time.monotonic()
+        self.command, self.path, self.headers = "", "", Headers()
+        if len(line) > MAX_LINE:
+            return self._refuse(414, "request line too long")
+        parts = line.decode("latin-1").rstrip("\r\n").split(" ")
+        if len(parts) != 3 or parts[2] not in ("HTTP/1.1", "HTTP/1.0") or not parts[1]:
+            return self._refuse(400, "bad request line")
+        self.command, self.path, version = parts
+        for _ in range(MAX_HEADERS):
+            raw = self.rfile.readline(MAX_LINE + 1)
+            if raw in (b"\r\n", b"\n"):
+                break
+            if not raw or len(raw) > MAX_LINE:
+                return self._refuse(431 if raw else 400, "bad or oversized header")
+            if raw[:1] in (b" ", b"\t"):
+                return self._refuse(400, "obsolete header line folding")
+            name, sep, value = raw.decode("latin-1").partition(":")
+            if not sep or not TOKEN_CHARS.fullmatch(name):
+                return self._refuse(400, "bad header name")
+            self.headers.add(name, value.strip(" \t\r\n"))
+        else:
+            return self._refuse(431, "too many headers")
+        connection = (self.headers.get("Connection") or "").lower()
+        if version == "HTTP/1.0":
+            self.close_connection = "keep-alive" not in connection
+        elif "close" in connection:
+            self.close_connection = True
+        return True
 
-    def do_DELETE(self) -> None:
-        self._route("DELETE")
-
-    def do_OPTIONS(self) -> None:
-        self._route("OPTIONS")
-
-    def do_PUT(self) -> None:
-        self._route("PUT")
-
-    def do_PATCH(self) -> None:
-        self._route("PATCH")
-
-    def do_HEAD(self) -> None:
-        self._route("HEAD")
+    def _refuse(self, status: int, message: str) -> bool:
+        self._unread = True
+        try:
+            self._send_json(status, {"error": "bad_request", "message": message}, close=True)
+        except OSError:
+            pass
+        return False
 
     def _route(self, method: str) -> None:
-        self._t0 = time.monotonic()
         # A body we never read would be parsed as the next request on this connection, so
         # any answer given before reading it closes the connection.
-        self._unread = bool(self.headers.get("Content-Length", "0").strip("0 ")
+        self._unread = bool((self.headers.get("Content-Length") or "").strip("0 ")
                             or self.headers.get("Transfer-Encoding"))
         try:
             self._dispatch(method)
@@ -3560,6 +3702,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (TimeoutError, BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception:  # a bug: answer with an id, log the details, keep serving
+            import traceback  # only on a bug
             err_id = secrets.token_hex(4)
             log.error("internal error %s on %s %s\n%s", err_id, method, self._log_path(),
                       self.server.app.redactor(traceback.format_exc()))
@@ -3732,25 +3875,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except PatchbayError as exc:
             raise HttpError(400, exc.to_json()) from None
         ctx = CallContext("actions", WorkspaceChoice(app.channel))
-        result, is_error = app.dispatcher.call(name, args, ctx)
-        self._send_json(ERROR_STATUS.get(result.get("error", ""), 400) if is_error else 200,
-                        result)
+        result, is_error, text = app.dispatcher.call(name, args, ctx)
+        self._send(ERROR_STATUS.get(result.get("error", ""), 400) if is_error else 200,
+                   text.encode("utf-8"))
 
     # -- writing -----------------------------------------------------------------------
     def _send_json(self, status: int, obj: Any, headers: Tuple[Tuple[str, str], ...] = (),
                    close: bool = False) -> None:
-        self._send(status, dumps(obj).encode("utf-8"), headers=headers, close=close)
+        self._send(status, encode_json(obj).encode("utf-8"), headers=headers, close=close)
 
     def _send(self, status: int, body: bytes, ctype: str = "application/json",
               headers: Tuple[Tuple[str, str], ...] = (), close: bool = False) -> None:
         """Write status, headers and body in one send (one segment for small answers)."""
-        lines = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
+        lines = ["HTTP/1.1 %d %s" % (status, HTTP_REASONS.get(status, "")),
                  "Server: " + NAME, "Cache-Control: no-store", "X-Content-Type-Options: nosniff"]
         if ctype:
             lines.append("Content-Type: " + ctype)
         if status != 204:
             lines.append("Content-Length: %d" % len(body))
-        origin = self.headers.get("Origin") if self.headers else None
+        origin = self.headers.get("Origin")
         if origin and self.server.app.access.cors_origin(origin):
             lines += ["Access-Control-Allow-Origin: " + origin.rstrip("/"), "Vary: Origin",
                       "Access-Control-Expose-Headers: Mcp-Session-Id"]
@@ -3766,18 +3909,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return urllib.parse.urlsplit(getattr(self, "path", "") or "").path[:200]
 
     def _log_access(self, status: int, size: int) -> None:
-        if log.isEnabledFor(logging.INFO):  # the query string (maybe a token) is never logged
+        if log.verbose:  # the query string (maybe a token) is never logged
             log.info("%s %s %s %d %d %.1fms", self.client_address[0], self.command,
                      self._log_path(), status, size, (time.monotonic() - self._t0) * 1000)
 
-    def log_request(self, code: Any = "-", size: Any = "-") -> None:
-        pass  # the stdlib would log the raw request line, query token and all
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.info("%s", self.server.app.redactor(format % args))
-
-
-class Server(http.server.ThreadingHTTPServer):
+class Server(socketserver.ThreadingTCPServer):
     """Threads per connection, capped: over the cap a connection gets 503 at once."""
 
     daemon_threads = True
@@ -4021,8 +4158,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
-    logging.basicConfig(stream=sys.stderr, format="patchbay: %(message)s",
-                        level=logging.INFO if args.verbose else logging.WARNING)
+    log.verbose = bool(args.verbose)
     try:
         return int(args.func(args))
     except PatchbayError as exc:
