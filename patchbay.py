@@ -630,12 +630,17 @@ class Channel:
         self.path = os.path.join(home, "config.json")
         self._sig: Optional[Tuple[int, int, int]] = None
         self._data: Dict[str, Any] = {}
+        self.generation = 0  # bumped whenever the file is (re)read or disappears
         self._lock = threading.Lock()
 
     def load(self) -> Dict[str, Any]:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
+            if self._sig is not None:
+                with self._lock:
+                    self._sig, self._data = None, {}
+                    self.generation += 1
             return {}
         sig = (st.st_mtime_ns, st.st_size, st.st_ino)
         with self._lock:
@@ -649,6 +654,7 @@ class Channel:
                                         "UNAVAILABLE") from None
                 self._data = data if isinstance(data, dict) else {}
                 self._sig = sig
+                self.generation += 1
             return self._data
 
     def save(self, data: Dict[str, Any]) -> None:
@@ -685,7 +691,11 @@ def split_host(host: str) -> Tuple[str, str]:
 
 
 class Access:
-    """Decides whether a request may proceed: Host, Origin, token, TTL (SPEC §5)."""
+    """Decides whether a request may proceed: Host, Origin, token, TTL (SPEC §5).
+
+    What it derives from the channel (token digest, expiry, allowed hosts) is computed
+    once per change of config.json, not once per request.
+    """
 
     LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
@@ -698,60 +708,72 @@ class Access:
         self.port = 0
         self.started = time.time()
         self.tunnel_hosts: List[str] = []
+        self._key: Any = None
+        self._view: Dict[str, Any] = {}
         redactor.add(static_token)
+
+    def view(self) -> Dict[str, Any]:
+        data = self.channel.load()
+        key = (self.channel.generation, tuple(self.tunnel_hosts), self.port)
+        if key != self._key:
+            token = self.static_token or data.get("token") or None
+            self.redactor.add(token)
+            expires = parse_iso(str(data.get("access_expires_at") or ""))
+            if self.cfg.ttl_minutes:
+                own = datetime.datetime.fromtimestamp(
+                    self.started + 60 * self.cfg.ttl_minutes, datetime.timezone.utc)
+                expires = min(expires, own) if expires else own
+            public = (self.cfg.public_base_url or data.get("public_base_url") or "").rstrip("/")
+            hosts = ["%s:%d" % (n, self.port) for n in self.LOOPBACK_NAMES]
+            if public:
+                hosts.append(urllib.parse.urlsplit(public).netloc.lower())
+            hosts.extend(h.lower() for h in self.tunnel_hosts + self.cfg.allow_hosts)
+            digest = _digest(token) if token else None
+            self._view = {
+                "token": token, "digest": digest,
+                "cred": hashlib.sha256(b"cred:" + digest).hexdigest()[:32] if digest else "",
+                "expires": expires.timestamp() if expires else None, "public": public,
+                "hosts": [split_host(h) for h in hosts], "exact": set(hosts)}
+            self._key = key
+        return self._view
 
     # -- token -----------------------------------------------------------------------
     def token(self) -> Optional[str]:
-        if self.static_token:
-            return self.static_token
-        token = self.channel.load().get("token") or None
-        self.redactor.add(token)
+        token: Optional[str] = self.view()["token"]
         return token
 
     def credential(self, header: Optional[str], query_token: Optional[str]) -> Optional[str]:
         """Return a stable id of the credential used, or None when it is wrong or missing."""
-        expected = self.token()
-        if expected is None:
+        view = self.view()
+        if view["digest"] is None:
             return ""  # loopback without a token: everyone on this machine is the same caller
         offered = None
         if header and header[:7].lower() == "bearer ":
             offered = header[7:].strip()
         elif query_token is not None and self.cfg.allow_query_token:
             offered = query_token
-        if offered is None:
+        if offered is None or not hmac.compare_digest(_digest(offered), view["digest"]):
             return None
-        if not hmac.compare_digest(_digest(offered), _digest(expected)):
-            return None
-        return hashlib.sha256(b"cred:" + _digest(expected)).hexdigest()[:32]
+        cred: str = view["cred"]
+        return cred
 
     def expired(self) -> bool:
-        now = utc_now()
-        expires = parse_iso(str(self.channel.load().get("access_expires_at") or ""))
-        if self.cfg.ttl_minutes:
-            own = datetime.datetime.fromtimestamp(
-                self.started + 60 * self.cfg.ttl_minutes, datetime.timezone.utc)
-            expires = min(expires, own) if expires else own
-        return bool(expires and now >= expires)
+        expires = self.view()["expires"]
+        return expires is not None and time.time() >= expires
 
     # -- Host and Origin (DNS rebinding, cross-site posts) ------------------------------
     def public_url(self) -> str:
-        return (self.cfg.public_base_url or self.channel.load().get("public_base_url")
-                or "").rstrip("/")
-
-    def allowed_hosts(self) -> List[str]:
-        hosts = ["%s:%d" % (n, self.port) for n in self.LOOPBACK_NAMES]
-        public = self.public_url()
-        if public:
-            hosts.append(urllib.parse.urlsplit(public).netloc.lower())
-        hosts.extend(h.lower() for h in self.tunnel_hosts + self.cfg.allow_hosts)
-        return hosts
+        public: str = self.view()["public"]
+        return public
 
     def host_ok(self, host: Optional[str]) -> bool:
         if not host:
             return False
+        view = self.view()
+        if host.lower() in view["exact"]:
+            return True
         name, port = split_host(host)
-        for allowed in self.allowed_hosts():
-            a_name, a_port = split_host(allowed)
+        for a_name, a_port in view["hosts"]:
             if name == a_name and (a_port == "*" or a_port == port
                                    or (not a_port and port in ("", "443", "80"))):
                 return True
@@ -921,24 +943,31 @@ class PathGuard:
                                 "or written)" % (rel(parts), pattern), "BLOCKED_FILE")
 
     # -- kernel walk -------------------------------------------------------------------
-    def walk(self, root: Root, parts: List[str], whole: bool,
-             create: bool = False) -> Tuple[int, List[str]]:
+    def walk(self, root: Root, parts: List[str], whole: bool, create: bool = False,
+             final: bool = True) -> Tuple[int, List[str]]:
         """Open the directory holding parts[-1] (or parts itself when `whole`).
 
-        Returns (fd, resolved parts); the caller closes fd. In-root symlinks are resolved
-        by splicing their target into the path and walking again from the root.
+        Returns (fd, resolved parts); the caller hands fd back with release(). In-root
+        symlinks are resolved by splicing their target into the path and walking again
+        from the root; `final=False` leaves a symlink in the last place to the caller
+        (which then opens it with O_NOFOLLOW and gets ELOOP).
         """
         for _hop in range(MAX_SYMLINK_HOPS):
             self.check(root, parts)
-            fd, spliced = self._walk_once(root, parts, whole, create)
+            fd, spliced = self._walk_once(root, parts, whole, create, final)
             if spliced is None:
                 return fd, parts
             parts = spliced
         raise PatchbayError("too many symlinks in %s" % rel(parts), "DENIED_PATH")
 
-    def _walk_once(self, root: Root, parts: List[str], whole: bool,
-                   create: bool) -> Tuple[int, Optional[List[str]]]:
-        fd = os.dup(root.fd)
+    @staticmethod
+    def release(root: Root, fd: int) -> None:
+        if fd != root.fd:  # the pinned root fd itself is lent, never closed
+            os.close(fd)
+
+    def _walk_once(self, root: Root, parts: List[str], whole: bool, create: bool,
+                   final: bool) -> Tuple[int, Optional[List[str]]]:
+        fd = root.fd
         try:
             for i in range(len(parts) if whole else len(parts) - 1):
                 try:
@@ -956,22 +985,26 @@ class PathGuard:
                     if target is None:
                         raise PatchbayError("not a directory: %s" % rel(parts[: i + 1]),
                                             "NOT_FOUND") from None
-                    os.close(fd)
+                    self.release(root, fd)
                     return -1, self._splice(root, parts, i, target)
-                os.close(fd)
+                self.release(root, fd)
                 fd = nfd
                 if os.fstat(fd).st_dev != root.dev:
                     raise PatchbayError("%s crosses into another filesystem"
                                         % rel(parts[: i + 1]), "DENIED_PATH")
-            if parts and not whole:
+            if parts and not whole and final:
                 target = self._link(fd, parts[-1])
                 if target is not None:
-                    os.close(fd)
+                    self.release(root, fd)
                     return -1, self._splice(root, parts, len(parts) - 1, target)
+            if whole and fd == root.fd:
+                # A directory to scan gets its own open file description: a dup of the
+                # root fd would share one read offset between concurrent listings.
+                fd = os.open(".", DIR_FLAGS, dir_fd=root.fd)
             return fd, None
         except BaseException:
             try:
-                os.close(fd)
+                self.release(root, fd)
             except OSError:
                 pass
             raise
@@ -1010,22 +1043,31 @@ class PathGuard:
 
     # -- operations --------------------------------------------------------------------
     def read(self, root: Root, path: Any, cap: int) -> Tuple[bytes, List[str]]:
-        """Read a whole regular file of at most `cap` bytes."""
+        """Read a whole regular file of at most `cap` bytes (few syscalls: this is the hot
+        path of read_file, fetch and edits)."""
         parts = self.split(root, path)
-        pfd, parts = self.walk(root, parts, whole=False)
+        for _hop in range(MAX_SYMLINK_HOPS):
+            pfd, parts = self.walk(root, parts, whole=False, final=False)
+            try:
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                             | os.O_CLOEXEC, dir_fd=pfd)
+                break
+            except FileNotFoundError:
+                raise PatchbayError("no such file: %s" % rel(parts), "NOT_FOUND") from None
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                target = self._link(pfd, parts[-1])  # a symlink: follow it inside the root
+                if target is None:
+                    raise PatchbayError("%s changed while being opened" % rel(parts),
+                                        "DENIED_PATH") from None
+                parts = self._splice(root, parts, len(parts) - 1, target)
+            finally:
+                self.release(root, pfd)
+        else:
+            raise PatchbayError("too many symlinks in %s" % rel(parts), "DENIED_PATH")
         try:
-            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=pfd)
-        except FileNotFoundError:
-            raise PatchbayError("no such file: %s" % rel(parts), "NOT_FOUND") from None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:  # swapped for a symlink after the walk
-                raise PatchbayError("%s is a symlink" % rel(parts), "DENIED_PATH") from None
-            raise
-        finally:
-            os.close(pfd)
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
+            st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 raise PatchbayError("%s is a directory; use list_files" % rel(parts),
                                     "NOT_A_FILE")
@@ -1037,8 +1079,20 @@ class PathGuard:
             if st.st_size > cap:
                 raise PatchbayError("%s is %d bytes, over the %d-byte read limit"
                                     % (rel(parts), st.st_size, cap), "TOO_LARGE")
-            os.set_blocking(f.fileno(), True)
-            data = f.read(min(cap, st.st_size) + 1 if st.st_size else cap + 1)
+            # O_NONBLOCK (which kept a FIFO from blocking the open) is harmless on a
+            # regular file, so the file is read as it is: one read for the usual case.
+            want = st.st_size if st.st_size else cap + 1
+            chunks: List[bytes] = []
+            got = 0
+            while got < want:
+                chunk = os.read(fd, want - got)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+        finally:
+            os.close(fd)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if len(data) > cap:
             raise PatchbayError("%s grew over the read limit" % rel(parts), "TOO_LARGE")
         return data, parts
@@ -1089,7 +1143,7 @@ class PathGuard:
             return {"path": rel(parts), "created": st is None, "bytes": len(data),
                     "sha256": hashlib.sha256(data).hexdigest()}
         finally:
-            os.close(pfd)
+            self.release(root, pfd)
 
     @staticmethod
     def _sha_at(dir_fd: int, name: str) -> str:
@@ -1114,7 +1168,7 @@ class PathGuard:
             os.unlink(parts[-1], dir_fd=pfd)
             return stat.S_IMODE(st.st_mode) & 0o777
         finally:
-            os.close(pfd)
+            self.release(root, pfd)
 
     def exists(self, root: Root, path: Any) -> bool:
         parts = self.split(root, path)
@@ -1130,7 +1184,7 @@ class PathGuard:
         except FileNotFoundError:
             return False
         finally:
-            os.close(pfd)
+            self.release(root, pfd)
 
     def open_dir(self, root: Root, path: Any) -> Tuple[int, List[str]]:
         parts = self.split(root, path, allow_root=True)
@@ -2533,29 +2587,41 @@ class CallContext:
 
 
 def stream_records(argv: List[str], cwd: str, env: Dict[str, str], timeout: float,
-                   cancel: threading.Event) -> Iterator[bytes]:
+                   cancel: threading.Event, error_codes: Tuple[int, ...] = ()) -> Iterator[bytes]:
     """Yield stdout lines of a child; stop it (whole group) when the consumer stops,
-    on timeout or on cancel. Never lets the child's output pile up in memory."""
+    on timeout or on cancel. Never lets the child's output pile up in memory. A child that
+    ends with one of `error_codes` before printing anything raises its own message
+    (a bad regular expression, for instance) instead of looking like "no matches"."""
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     timer = threading.Timer(timeout, kill_group, (proc,))
     timer.daemon = True
     timer.start()
+    produced = False
     try:
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stderr is not None
         for line in proc.stdout:
             if cancel.is_set():
                 break
+            produced = True
             yield line[:65536]
+        else:
+            proc.wait()
+            if proc.returncode in error_codes and not produced:
+                lines = proc.stderr.read(4096).decode("utf-8", "replace").strip().splitlines()
+                why = " ".join(ln.strip() for ln in lines if ln.strip())[:300]
+                raise PatchbayError("the search failed: %s" % (why or "exit %d"
+                                                               % proc.returncode))
     finally:
         timer.cancel()
         if proc.poll() is None:
             kill_group(proc)
         else:
             proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
 
 
 Hit = Tuple[str, int, str]  # path, line number, line text
@@ -2591,7 +2657,7 @@ class Workbench:
         cwd = root.current_path()
         if self.git.repo_state(cwd) is None:
             st = self.git.status(cwd)
-            files = st["files"]
+            files = [f for f in st["files"] if self.guard.visible(root, f["path"].split("/"))]
             out["git"] = {
                 "branch": st["branch"], "head": st["head"],
                 "staged": sum(1 for f in files if f["index"] not in ".?"),
@@ -2663,7 +2729,7 @@ class Workbench:
             for dfd, _ in level:
                 if dfd != fd:
                     os.close(dfd)
-            os.close(fd)
+            self.guard.release(root, fd)
         entries.sort(key=lambda e: e["path"])
         return {"path": rel(base), "entries": entries, "truncated": truncated}
 
@@ -2712,15 +2778,16 @@ class Workbench:
 
     def tool_search(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
         root = call.root
-        base = self.guard.split(root, args["path"], allow_root=True)
-        self.guard.check(root, base)
+        base = self._search_target(root, args["path"])
         limit, budget = args["max_results"], self.limits["text_chars"]
         results: List[Dict[str, Any]] = []
         truncated = False
+        linked: Dict[str, bool] = {}
         for backend, hits in self._search_backends(call, root, base, args):
             for path, line, text in hits:
                 parts = path.split("/")
-                if not self.guard.visible(root, parts) or not self._glob_ok(args["glob"], path):
+                if (not self.guard.visible(root, parts) or not self._glob_ok(args["glob"], path)
+                        or self._hard_linked(root, path, linked)):
                     continue
                 ref = "%s:%d" % (path, line)
                 hit = {"id": ref, "title": ref, "url": self._url(root, path, line),
@@ -2732,6 +2799,39 @@ class Workbench:
                 results.append(hit)
             return {"results": results, "truncated": truncated, "backend": backend}
         raise PatchbayError("no search backend available", "UNAVAILABLE")  # pragma: no cover
+
+    def _search_target(self, root: Root, path: Any) -> List[str]:
+        """The path to search, resolved through the guard: symlinks followed only inside
+        the root, and only a directory or a regular file (a FIFO would stall the search)."""
+        parts = self.guard.split(root, path, allow_root=True)
+        if not parts:
+            return parts
+        pfd, parts = self.guard.walk(root, parts, whole=False)
+        try:
+            st = os.stat(parts[-1], dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise PatchbayError("no such file or directory: %s" % rel(parts),
+                                "NOT_FOUND") from None
+        finally:
+            self.guard.release(root, pfd)
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise PatchbayError("%s is neither a file nor a directory" % rel(parts),
+                                "NOT_A_FILE")
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            raise PatchbayError("%s has several hard links; PatchBay does not read "
+                                "hard-linked files" % rel(parts), "DENIED_PATH")
+        return parts
+
+    @staticmethod
+    def _hard_linked(root: Root, path: str, seen: Dict[str, bool]) -> bool:
+        """A hit in a hard-linked file is dropped, as read_file would refuse the file."""
+        if path not in seen:
+            try:
+                st = os.stat(path, dir_fd=root.fd, follow_symlinks=False)
+                seen[path] = not stat.S_ISREG(st.st_mode) or st.st_nlink > 1
+            except OSError:
+                seen[path] = True
+        return seen[path]
 
     @staticmethod
     def _glob_ok(glob: Optional[str], path: str) -> bool:
@@ -2746,25 +2846,28 @@ class Workbench:
         cwd = root.current_path()
         target = rel(base)
         timeout = self.limits["search_timeout_s"]
+        # All three search hidden files too (dot-files such as .github/), never .git, and
+        # never follow a symlink while walking (the target itself was resolved above).
         if self.rg:
             argv = [self.rg, "--no-config", "--no-messages", "--null", "--line-number",
                     "--with-filename", "--no-heading", "--color=never", "--max-columns=400",
-                    "--max-columns-preview", "--max-filesize=8M"]
+                    "--max-columns-preview", "--max-filesize=8M", "--hidden", "--glob=!.git"]
             argv += ["--fixed-strings"] if not args["regex"] else []
             argv += ["--case-sensitive"] if args["case_sensitive"] else ["--ignore-case"]
             if args["glob"]:
                 argv.append("--glob=" + args["glob"])
             argv += ["-e", args["query"], "--", target]
-            yield "rg", self._parse_hits(
-                stream_records(argv, cwd, child_env(), timeout, call.cancel), rg=True)
+            yield "rg", self._parse_hits(stream_records(
+                argv, cwd, child_env(), timeout, call.cancel, (2,)), rg=True)
             return
         if self.git.repo_state(cwd) is None:
+            # -P: Perl-style regex, the dialect closest to rg's and Python's (\d, \w, ...).
             argv = self.git.argv(["grep", "-n", "-z", "-I", "--no-color", "--untracked",
-                                  "-E" if args["regex"] else "-F"])
+                                  "-P" if args["regex"] else "-F"])
             argv += [] if args["case_sensitive"] else ["-i"]
             argv += ["-e", args["query"], "--", ":(literal)" + target if base else "."]
-            yield "git", self._parse_hits(
-                stream_records(argv, cwd, self.git.env, timeout, call.cancel), rg=False)
+            yield "git", self._parse_hits(stream_records(
+                argv, cwd, self.git.env, timeout, call.cancel, (128,)), rg=False)
             return
         yield "python", self._python_search(call, root, base, args, time.monotonic() + timeout)
 
@@ -2792,30 +2895,36 @@ class Workbench:
             parts = stack.pop()
             try:
                 fd, parts = self.guard.walk(root, parts, whole=True)
-            except PatchbayError:
+            except PatchbayError as exc:
+                if exc.code == "NOT_FOUND" and parts:  # the target is a file, not a directory
+                    yield from self._python_scan_file(root, parts, pattern)
                 continue
             try:
                 entries = sorted(os.scandir(fd), key=lambda e: e.name, reverse=True)
             finally:
-                os.close(fd)
+                self.guard.release(root, fd)
             for entry in entries:
                 if time.monotonic() > deadline or call.cancel.is_set():
                     return
                 child = parts + [entry.name]
-                if entry.name.startswith(".") or not self.guard.visible(root, child):
+                if entry.name == ".git" or not self.guard.visible(root, child):
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(child)
                 elif entry.is_file(follow_symlinks=False):
-                    try:
-                        data, _ = self.guard.read(root, rel(child), 2 * 1024 * 1024)
-                    except PatchbayError:
-                        continue
-                    if b"\0" in data[:8192]:
-                        continue
-                    for n, text in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
-                        if pattern.search(text):
-                            yield rel(child), n, text
+                    yield from self._python_scan_file(root, child, pattern)
+
+    def _python_scan_file(self, root: Root, parts: List[str],
+                          pattern: re.Pattern[str]) -> Iterator[Hit]:
+        try:
+            data, parts = self.guard.read(root, rel(parts), 8 * 1024 * 1024)
+        except PatchbayError:
+            return
+        if b"\0" in data[:8192]:
+            return
+        for n, text in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+            if pattern.search(text):
+                yield rel(parts), n, text
 
     def tool_fetch(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
         ref = args["id"]
@@ -2965,7 +3074,7 @@ class Workbench:
         except OSError:
             cwd = os.path.join(call.root.current_path(), *parts)
         finally:
-            os.close(fd)
+            self.guard.release(call.root, fd)
         env = child_env(inherit=self.cfg.child_env == "inherit",
                         extra={"TERM": "dumb", "PAGER": "cat", "GIT_PAGER": "cat"})
         out = run_capped(["bash", "-c", command], cwd, env, timeout,
@@ -3322,6 +3431,7 @@ class McpSessions:
         self.cap, self.idle_s = cap, idle_s
         self._by_id: Dict[str, McpSession] = {}
         self._lock = threading.Lock()
+        self._swept = 0.0
 
     def create(self, cred: str, version: str) -> McpSession:
         session = McpSession(cred, version)
@@ -3340,6 +3450,9 @@ class McpSessions:
             # Another credential gets the same answer as an unknown id: no oracle.
             if session is None or not hmac.compare_digest(session.cred, cred):
                 return None
+            if time.monotonic() - session.last_used > self.idle_s:
+                del self._by_id[sid]
+                return None
             session.last_used = time.monotonic()
             return session
 
@@ -3350,7 +3463,11 @@ class McpSessions:
             return self._by_id.pop(sid, None) is not None
 
     def _expire(self) -> None:
-        cutoff = time.monotonic() - self.idle_s
+        now = time.monotonic()
+        if now - self._swept < 1.0:
+            return
+        self._swept = now
+        cutoff = now - self.idle_s
         for sid in [s.id for s in self._by_id.values() if s.last_used < cutoff]:
             del self._by_id[sid]
 
@@ -3768,7 +3885,8 @@ class Handler(socketserver.StreamRequestHandler):
         headers = self.headers.get_all("Authorization") or []
         if len(headers) > 1:
             return None
-        tokens = urllib.parse.parse_qs(query, keep_blank_values=True).get(QUERY_TOKEN, [])
+        tokens = urllib.parse.parse_qs(query, keep_blank_values=True).get(QUERY_TOKEN, []) \
+            if query else []
         if len(tokens) > 1:
             return None
         return self.server.app.access.credential(headers[0] if headers else None,
