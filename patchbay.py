@@ -213,12 +213,27 @@ def loads_strict(data: bytes) -> Any:
     """Parse a request body: UTF-8, no duplicate keys, no NaN, bounded nesting."""
     try:
         text = data.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_no_duplicates,
-                          parse_constant=_reject_constant)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates,
+                         parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise PatchbayError("request body is not valid JSON: %s" % exc) from None
     except RecursionError:  # deeply nested input raises this, not ValueError
         raise PatchbayError("request body is nested too deeply") from None
+    # A lone surrogate can only come from a \uD8xx escape; it cannot be encoded again, so
+    # it is refused here rather than failing later in a log or a reply.
+    if "\\ud" in text.lower() and _has_lone_surrogate(obj):
+        raise PatchbayError("request body is not valid JSON: lone surrogate escape")
+    return obj
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    if isinstance(obj, str):
+        return any("\ud800" <= ch <= "\udfff" for ch in obj)
+    if isinstance(obj, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return any(_has_lone_surrogate(v) for v in obj)
+    return False
 
 
 def _reject_constant(name: str) -> Any:
@@ -3753,18 +3768,27 @@ class Handler(socketserver.StreamRequestHandler):
         self.close_connection = False
 
     def handle(self) -> None:
-        for _ in range(MAX_KEEPALIVE):
-            try:
-                if not self._read_head():
+        try:
+            for _ in range(MAX_KEEPALIVE):
+                try:
+                    if not self._read_head():
+                        return
+                except (TimeoutError, OSError):
                     return
-            except (TimeoutError, OSError):
-                return
-            self._route(self.command)
-            if self.close_connection:
-                return
+                self._route(self.command)
+                self.server.reading(self.connection, False)
+                if self.close_connection:
+                    return
+        finally:
+            self.server.reading(self.connection, False)
 
     def _read_head(self) -> bool:
         """Read a request line and headers; False when the connection should end."""
+        reader: Any = self.rfile  # a BufferedReader: peek waits without consuming
+        first = reader.peek(1)[:1]  # wait (idle keep-alive) for a request to begin
+        if not first:
+            return False
+        self.server.reading(self.connection, True)
         line = self.rfile.readline(MAX_LINE + 1)
         if line in (b"\r\n", b"\n"):  # one empty line between requests is tolerated
             line = self.rfile.readline(MAX_LINE + 1)
@@ -3905,8 +3929,8 @@ class Handler(socketserver.StreamRequestHandler):
         if size > cap:
             raise HttpError(413, {"error": "TOO_LARGE", "message": "request body is over %d "
                                   "bytes" % cap}, close=True)
-        if need_json and size:
-            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if need_json and (size or ctype):
             if ctype != "application/json":  # also stops cross-site text/plain form posts
                 raise HttpError(415, {"error": "unsupported_media_type",
                                       "message": "Content-Type must be application/json"},
@@ -3923,6 +3947,7 @@ class Handler(socketserver.StreamRequestHandler):
                                 close=True)
             chunks.append(chunk)
             got += len(chunk)
+        self.server.reading(self.connection, False)  # the request is in; a tool may run long
         return b"".join(chunks)
 
     def _mcp_post(self, cred: str) -> None:
@@ -4024,7 +4049,8 @@ class Handler(socketserver.StreamRequestHandler):
         self._log_access(status, len(body))
 
     def _log_path(self) -> str:
-        return urllib.parse.urlsplit(getattr(self, "path", "") or "").path[:200]
+        path = urllib.parse.urlsplit(self.path or "").path[:200]
+        return self.server.app.redactor(path)  # a token pasted into the path stays out
 
     def _log_access(self, status: int, size: int) -> None:
         if log.verbose:  # the query string (maybe a token) is never logged
@@ -4043,6 +4069,13 @@ class Server(socketserver.ThreadingTCPServer):
         self.app = app
         self.mcp = McpEndpoint(app.dispatcher, "mcp")
         self.slots = threading.BoundedSemaphore(app.cfg.limits["max_connections"])
+        # Socket timeouts bound each read, not a whole request: a client dripping a byte
+        # at a time would never time out. The reaper ends any request still being read
+        # after request_timeout_s.
+        self._reading: Dict[Any, float] = {}
+        self._reading_lock = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._reap, daemon=True, name="patchbay-reaper").start()
         if ":" in addr[0]:
             self.address_family = socket.AF_INET6
         super().__init__(addr, Handler)
@@ -4070,6 +4103,30 @@ class Server(socketserver.ThreadingTCPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
+
+    def reading(self, conn: Any, active: bool) -> None:
+        with self._reading_lock:
+            if active:
+                self._reading[conn] = time.monotonic() + self.app.cfg.limits["request_timeout_s"]
+            else:
+                self._reading.pop(conn, None)
+
+    def _reap(self) -> None:
+        while not self._closed.wait(0.2):
+            now = time.monotonic()
+            with self._reading_lock:
+                late = [c for c, deadline in self._reading.items() if now > deadline]
+                for conn in late:
+                    del self._reading[conn]
+            for conn in late:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)  # the blocked read returns at once
+                except OSError:
+                    pass
+
+    def server_close(self) -> None:
+        self._closed.set()
+        super().server_close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.warning("connection error from %s: %s", client_address[0],

@@ -615,6 +615,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         except BenchError as exc:
             print("bench failed: %s" % exc, file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("interrupted; servers stopped", file=sys.stderr)
+            return 130
         finally:
             children.kill_all()
     write_json(args.out, doc)

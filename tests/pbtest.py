@@ -115,7 +115,8 @@ class ServeProcess:
         self.port = int(self.url.rsplit(":", 1)[1])
 
     def stderr(self) -> str:
-        self._stderr.flush()
+        if not self._stderr.closed:
+            self._stderr.flush()
         return self.stderr_path.read_text(errors="replace")
 
     def stop(self) -> int:
