@@ -723,13 +723,14 @@ class Access:
         self.port = 0
         self.started = time.time()
         self.tunnel_hosts: List[str] = []
+        self.tunnel_url = ""  # set by a tunnel this process supervises; wins over the rest
         self._key: Any = None
         self._view: Dict[str, Any] = {}
         redactor.add(static_token)
 
     def view(self) -> Dict[str, Any]:
         data = self.channel.load()
-        key = (self.channel.generation, tuple(self.tunnel_hosts), self.port)
+        key = (self.channel.generation, tuple(self.tunnel_hosts), self.port, self.tunnel_url)
         if key != self._key:
             token = self.static_token or data.get("token") or None
             self.redactor.add(token)
@@ -738,7 +739,8 @@ class Access:
                 own = datetime.datetime.fromtimestamp(
                     self.started + 60 * self.cfg.ttl_minutes, datetime.timezone.utc)
                 expires = min(expires, own) if expires else own
-            public = (self.cfg.public_base_url or data.get("public_base_url") or "").rstrip("/")
+            public = (self.tunnel_url or self.cfg.public_base_url
+                      or data.get("public_base_url") or "").rstrip("/")
             hosts = ["%s:%d" % (n, self.port) for n in self.LOOPBACK_NAMES]
             if public:
                 hosts.append(urllib.parse.urlsplit(public).netloc.lower())
@@ -2187,7 +2189,7 @@ class CodexRunner:
             if self.closing:
                 run.state = "interrupted"
                 run.error = "PatchBay stopped during this turn; message it to resume"
-            elif run.stop_requested:
+            elif run.stop_requested or self._cancelled_on_disk(run, proc):
                 run.state = "cancelled"
             elif run.timed_out:
                 run.state = "failed"
@@ -2203,6 +2205,17 @@ class CodexRunner:
             else:
                 run.thread = None
                 self._changed(run)
+
+    @staticmethod
+    def _cancelled_on_disk(run: Run, proc: Optional[subprocess.Popen[bytes]]) -> bool:
+        """`patchbay jobs cancel` (another process) kills the group and says so on disk."""
+        if proc is None or (proc.returncode or 0) >= 0:
+            return False
+        try:
+            with open(os.path.join(run.state_dir, "state.json"), encoding="utf-8") as f:
+                return bool(json.load(f).get("state") == "cancelled")
+        except (OSError, ValueError):
+            return False
 
     def _event(self, run: Run, raw: bytes) -> None:
         try:
@@ -2541,16 +2554,55 @@ class ToolRegistry:
 
 
 class Workspaces:
-    """The roots this process may touch, pinned at start, by name."""
+    """The roots this process may touch, pinned as directory fds, by name.
 
-    def __init__(self, entries: List[Tuple[str, str]]) -> None:
+    Started with --root, the set is fixed. Started from the channel's registry, it follows
+    the registry: `workspace add` pins a new root on the next call, `workspace remove`
+    hides one (its fd stays open: closing it under a concurrent call could let the number
+    be reused for another directory), and the channel's active workspace is the default.
+    """
+
+    def __init__(self, entries: List[Tuple[str, str]],
+                 channel: Optional[Channel] = None) -> None:
         self.roots: Dict[str, Root] = {}
+        self.channel = channel
+        self._pinned: Dict[Tuple[str, str], Root] = {}
+        self._generation = -1
+        self._lock = threading.Lock()
         for name, path in entries:
-            self.roots[name] = Root(name, path)
+            self.roots[name] = self._pin(name, path)
         if not self.roots:
             raise UsageError("no workspace: pass --root DIR (or set %s, or run "
                              "`patchbay channel register --workspace DIR`)" % ENV_ROOT)
         self.default = next(iter(self.roots))
+        if channel is not None:
+            self._generation = channel.generation
+
+    def _pin(self, name: str, path: str) -> Root:
+        key = (name, os.path.realpath(path))
+        if key not in self._pinned:
+            self._pinned[key] = Root(name, path)
+        return self._pinned[key]
+
+    def _sync(self) -> None:
+        if self.channel is None:
+            return
+        data = self.channel.load()
+        if self.channel.generation == self._generation:
+            return
+        with self._lock:
+            registry = data.get("workspaces") or {}
+            roots: Dict[str, Root] = {}
+            for name, path in registry.items():
+                try:
+                    roots[name] = self._pin(name, path)
+                except UsageError as exc:
+                    log.warning("%s", exc.message)
+            if roots:
+                self.roots = roots
+                active = data.get("active_workspace")
+                self.default = active if active in roots else next(iter(roots))
+            self._generation = self.channel.generation
 
     @staticmethod
     def from_paths(paths: List[str]) -> List[Tuple[str, str]]:
@@ -2567,10 +2619,13 @@ class Workspaces:
         return entries
 
     def names(self) -> List[str]:
+        self._sync()
         return list(self.roots)
 
     def get(self, name: Optional[str]) -> Root:
-        return self.roots.get(name or self.default) or self.roots[self.default]
+        self._sync()
+        roots = self.roots
+        return roots.get(name or self.default) or roots[self.default]
 
 
 class WorkspaceChoice:
@@ -2693,7 +2748,7 @@ class Workbench:
 
     def tool_switch_workspace(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
         name = args["name"]
-        if name not in self.workspaces.roots:
+        if name not in self.workspaces.names():
             raise PatchbayError("no workspace named %r; registered: %s"
                                 % (name, ", ".join(self.workspaces.names())), "NOT_FOUND")
         call.choice.set(name)
@@ -3683,14 +3738,14 @@ class App:
         self.cfg = cfg
         self.redactor = Redactor()
         self.channel = Channel(cfg.home)
-        if cfg.roots:
-            entries = Workspaces.from_paths(cfg.roots)
+        if cfg.roots:  # --root narrows: a fixed set, whatever the channel says
+            self.workspaces = Workspaces(Workspaces.from_paths(cfg.roots))
         else:
-            entries = list((self.channel.load().get("workspaces") or {}).items())
-        self.workspaces = Workspaces(entries)
-        active = self.channel.load().get("active_workspace")
-        if not cfg.roots and active in self.workspaces.roots:
-            self.workspaces.default = active
+            self.workspaces = Workspaces(
+                list((self.channel.load().get("workspaces") or {}).items()), self.channel)
+            active = self.channel.load().get("active_workspace")
+            if active in self.workspaces.roots:
+                self.workspaces.default = active
         self.guard = PathGuard(cfg.blocked_globs, protected=(cfg.home,))
         self.git = Git()
         self.runner = CodexRunner(cfg, self.git, self.redactor)
@@ -4144,7 +4199,167 @@ def is_loopback(host: str) -> bool:
 
 
 # =======================================================================================
-# §12 CLI: one COMMANDS table, cmd_<name>(args) -> exit code
+# §13 Tunnel: cloudflared and ngrok as supervised children (SPEC §9)
+# =======================================================================================
+
+TUNNEL_PROVIDERS: Dict[str, Dict[str, str]] = {
+    "cloudflare": {"bin": "cloudflared", "env": "CLOUDFLARED_BIN",
+                   "install": "install cloudflared from Cloudflare's packages "
+                              "(https://pkg.cloudflare.com) or your package manager"},
+    "cloudflare-named": {"bin": "cloudflared", "env": "CLOUDFLARED_BIN",
+                         "install": "install cloudflared from Cloudflare's packages "
+                                    "(https://pkg.cloudflare.com) or your package manager"},
+    "ngrok": {"bin": "ngrok", "env": "NGROK_BIN",
+              "install": "install the ngrok agent (https://ngrok.com/download) and run "
+                         "`ngrok config add-authtoken ...` once"},
+}
+QUICK_URL = re.compile(r"https://([a-z0-9-]+)\.trycloudflare\.com\b")
+
+
+def tunnel_binary(mode: str, explicit: Optional[str] = None) -> Optional[str]:
+    info = TUNNEL_PROVIDERS[mode]
+    return shutil.which(explicit or os.environ.get(info["env"]) or info["bin"])
+
+
+class Tunnel:
+    """One tunnel child: started in its own process group, its log read for the public
+    URL, restarted with backoff if it dies, ended with the server. PatchBay never
+    downloads the binary."""
+
+    def __init__(self, mode: str, port: int, on_url: Callable[[str], None],
+                 hostname: Optional[str] = None, name: Optional[str] = None,
+                 binary: Optional[str] = None, token_file: Optional[str] = None) -> None:
+        if mode not in TUNNEL_PROVIDERS:
+            raise UsageError("unknown tunnel %r; use one of %s"
+                             % (mode, ", ".join(TUNNEL_PROVIDERS)))
+        path = tunnel_binary(mode, binary)
+        if not path:
+            raise UsageError("%s was not found: %s, then try again (or pass --tunnel-bin PATH). "
+                             "PatchBay never downloads it for you."
+                             % (TUNNEL_PROVIDERS[mode]["bin"], TUNNEL_PROVIDERS[mode]["install"]))
+        if mode == "cloudflare-named" and not hostname:
+            raise UsageError("a named Cloudflare tunnel needs --hostname (the public name "
+                             "routed to it) and --tunnel-name or a tunnel token")
+        self.mode, self.port, self.on_url = mode, port, on_url
+        self.hostname, self.name, self.binary = hostname, name, path
+        self.env = child_env()
+        for key in ("NGROK_AUTHTOKEN", "TUNNEL_TOKEN"):  # the tunnel's own credentials only
+            if os.environ.get(key):
+                self.env[key] = os.environ[key]
+        if token_file:
+            try:
+                with open(os.path.expanduser(token_file), encoding="utf-8") as f:
+                    self.env["TUNNEL_TOKEN"] = f.read().strip()  # env, never argv
+            except OSError as exc:
+                raise UsageError("cannot read the tunnel token file %s: %s"
+                                 % (token_file, exc.strerror)) from None
+        self.url: Optional[str] = None
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def argv(self) -> List[str]:
+        local = "http://127.0.0.1:%d" % self.port
+        if self.mode == "cloudflare":
+            return [self.binary, "tunnel", "--no-autoupdate", "--url", local]
+        if self.mode == "cloudflare-named":
+            return ([self.binary, "tunnel", "--no-autoupdate", "run", "--url", local]
+                    + ([self.name] if self.name else []))
+        argv = [self.binary, "http", str(self.port), "--log", "stdout", "--log-format", "json"]
+        return argv + (["--url", self.hostname] if self.hostname else [])
+
+    def parse(self, line: str) -> Optional[str]:
+        """The public URL announced by this log line, if any."""
+        if self.mode == "cloudflare":
+            for m in QUICK_URL.finditer(line):
+                if m.group(1) != "api":  # api.trycloudflare.com is the API, in error lines
+                    return m.group(0)
+            return None
+        if self.mode == "cloudflare-named":
+            return "https://%s" % self.hostname if "Registered tunnel connection" in line else None
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return None
+        if isinstance(event, dict) and event.get("msg") == "started tunnel":
+            url = event.get("url")
+            return url if isinstance(url, str) and url.startswith("https://") else None
+        return None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._supervise, daemon=True,
+                                        name="patchbay-tunnel")
+        self._thread.start()
+
+    def wait_url(self, timeout: float) -> Optional[str]:
+        deadline = time.monotonic() + timeout
+        while self.url is None and time.monotonic() < deadline and not self._stop.is_set():
+            time.sleep(0.05)
+        return self.url
+
+    def _supervise(self) -> None:
+        delay = 1.0
+        for _attempt in range(10_000):  # bounded; each round waits at least `delay`
+            if self._stop.is_set():
+                return
+            started = time.monotonic()
+            try:
+                proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        env=self.env, start_new_session=True)
+            except OSError as exc:
+                log.warning("tunnel: cannot start %s: %s", self.binary, exc.strerror)
+                return
+            self.proc = proc
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.decode("utf-8", "replace").rstrip()
+                log.info("tunnel: %s", line[:500])
+                url = self.parse(line)
+                if url and url != self.url:
+                    self.url = url
+                    self.on_url(url)
+            proc.wait()
+            proc.stdout.close()
+            if self._stop.is_set():
+                return
+            self.restarts += 1
+            if time.monotonic() - started > 60:
+                delay = 1.0
+            log.warning("tunnel: %s exited with status %s; restarting in %.0f s",
+                        TUNNEL_PROVIDERS[self.mode]["bin"], proc.returncode, delay)
+            if self.mode in ("cloudflare", "ngrok") and not self.hostname:
+                self.url = None  # a quick tunnel gets a new URL; announce it when it comes
+            if self._stop.wait(delay):
+                return
+            delay = min(delay * 2, 60.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                kill_group(proc)
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def chatgpt_settings(url: str, token: Optional[str], reveal: bool) -> str:
+    shown = token if (reveal and token) else "<token: run `patchbay token` or add --reveal-token>"
+    return ("  ChatGPT app (developer mode), MCP server URL:\n"
+            "    %s/mcp?%s=%s\n"
+            "  Custom GPT Actions: import the schema from\n"
+            "    %s/openapi.json\n"
+            "    Authentication: API Key, Auth Type: Bearer, key: the PatchBay token\n"
+            % (url, QUERY_TOKEN, shown, url))
+
+
+# =======================================================================================
+# §14 CLI: one COMMANDS table, cmd_<name>(args) -> exit code
 # =======================================================================================
 
 def resolve_home(args: argparse.Namespace) -> str:
@@ -4168,7 +4383,8 @@ def static_token(token_file: Optional[str]) -> Optional[str]:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     overrides: Dict[str, Any] = {"roots": [os.path.abspath(r) for r in args.root or []]}
-    for key in ("host", "port", "token_file", "ttl_minutes", "public_base_url"):
+    for key in ("host", "port", "token_file", "ttl_minutes", "public_base_url", "tunnel",
+                "hostname", "tunnel_name"):
         overrides[key] = getattr(args, key, None)
     overrides["allow_hosts"] = getattr(args, "allow_host", None)
     return Config.resolve(resolve_home(args), args.profile, overrides)
@@ -4177,10 +4393,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     app = App(cfg, static_token(cfg.token_file))
-    if not is_loopback(cfg.host) and not app.access.token():
-        raise UsageError("serving on %s (beyond loopback) needs a token: pass --token-file FILE "
-                         "or set %s" % (cfg.host, ENV_TOKEN))
+    exposed = not is_loopback(cfg.host) or cfg.tunnel != "none"
+    if exposed and not app.access.token():
+        raise UsageError("%s needs a token: run `patchbay channel register --workspace DIR` "
+                         "(or pass --token-file FILE, or set %s)"
+                         % ("a tunnel" if cfg.tunnel != "none" else
+                            "serving on %s (beyond loopback)" % cfg.host, ENV_TOKEN))
     private_dir(cfg.home)
+    if args.save_profile:
+        name = args.save_profile if isinstance(args.save_profile, str) else app.workspaces.default
+        sys.stderr.write("patchbay: saved launch profile %s (use --profile %s)\n"
+                         % (save_profile(cfg.home, name, cfg.settings), _slug(name)))
+    tunnel: Optional[Tunnel] = None
+    if cfg.tunnel != "none":
+        tunnel = Tunnel(cfg.tunnel, cfg.port or 0, lambda url: None,
+                        cfg.settings.get("hostname"), cfg.settings.get("tunnel_name"),
+                        args.tunnel_bin, cfg.settings.get("cloudflare_token_file"))
     try:
         server = Server((cfg.host, cfg.port), app)
     except OSError as exc:
@@ -4188,7 +4416,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          % (cfg.host, cfg.port, exc.strerror)) from None
     if app.access.token() is None:
         sys.stderr.write("patchbay: warning: no token set; anything on this machine can call "
-                         "this server. Pass --token-file or set %s to require one.\n" % ENV_TOKEN)
+                         "this server. `patchbay channel register` creates one.\n")
 
     def stop(signum: int, frame: Any) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()
@@ -4197,9 +4425,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     sys.stdout.write("patchbay listening on %s\n" % app.local_url)
     sys.stdout.flush()
+    if tunnel is not None:
+        def on_url(url: str) -> None:
+            app.access.tunnel_hosts = [urllib.parse.urlsplit(url).netloc.lower()]
+            app.access.tunnel_url = url
+            app.channel.update(public_base_url=url)
+            sys.stdout.write("patchbay tunnel ready: %s\n%s" % (url, chatgpt_settings(
+                url, app.access.token(), args.reveal_token)))
+            sys.stdout.flush()
+
+        tunnel.port, tunnel.on_url = app.access.port, on_url
+        tunnel.start()
     try:
         server.serve_forever(poll_interval=0.25)
     finally:
+        if tunnel is not None:
+            tunnel.stop()
         server.server_close()
         app.close()
     return 0
@@ -4212,6 +4453,473 @@ def cmd_stdio(args: argparse.Namespace) -> int:
                            sys.stdout.buffer)
     finally:
         app.close()
+
+
+# -- the channel, its token, access and workspaces (SPEC §2, §3) ------------------------
+
+SECRET_KEYS = ("token", "http_token", "password", "secret", "api_key", "apikey",
+               "authtoken", "ngrok_authtoken", "tunnel_token", "cloudflare_token",
+               "client_secret", "private_key")
+
+
+def _expiry(ttl_minutes: Optional[int]) -> str:
+    if not ttl_minutes:
+        return ""
+    return iso(utc_now() + datetime.timedelta(minutes=ttl_minutes))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "workspace"
+
+
+def _workspace_path(path: str) -> str:
+    real = os.path.realpath(os.path.expanduser(path))
+    if not os.path.isdir(real):
+        raise UsageError("%s is not a directory" % path)
+    return real
+
+
+def _public_url(url: Optional[str]) -> Optional[str]:
+    if url is None:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.netloc or parts.query:
+        raise UsageError("--public-base-url must look like https://host.example")
+    return url.rstrip("/")
+
+
+def _access_text(data: Dict[str, Any]) -> str:
+    expires = parse_iso(str(data.get("access_expires_at") or ""))
+    if expires is None:
+        return "active, no expiry"
+    return ("expired at %s" if expires <= utc_now() else "active until %s") % iso(expires)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(dumps(data) if args.json else text)
+
+
+def _announce_token(data: Dict[str, Any]) -> None:
+    url = data.get("public_base_url") or "http://127.0.0.1:%d" % DEFAULT_PORT
+    print("token: %s" % data["token"])
+    print(chatgpt_settings(url, data["token"], reveal=True).rstrip())
+
+
+def cmd_channel(args: argparse.Namespace) -> int:
+    channel = Channel(resolve_home(args))
+    data = dict(channel.load())
+    if args.action == "register":
+        if data.get("token") and not args.force:
+            raise UsageError("a channel already exists in %s; pass --force to replace it "
+                             "(with a new token), or use `patchbay channel renew`" % channel.home)
+        if not args.workspace:
+            raise UsageError("channel register needs --workspace DIR")
+        path = _workspace_path(args.workspace)
+        name = _slug(args.name or os.path.basename(path))
+        data = {"token": new_token(), "workspaces": {name: path}, "active_workspace": name,
+                "public_base_url": _public_url(args.public_base_url) or "",
+                "access_expires_at": _expiry(args.ttl_minutes), "created": iso()}
+        channel.save(data)
+        print("channel registered: workspace %s (%s), access %s"
+              % (name, path, _access_text(data)))
+        _announce_token(data)
+        return 0
+    if not data.get("token"):
+        raise UsageError("no channel yet: run `patchbay channel register --workspace DIR`")
+    if args.action == "status":
+        summary = {"workspaces": data.get("workspaces") or {},
+                   "active_workspace": data.get("active_workspace"),
+                   "public_base_url": data.get("public_base_url") or None,
+                   "access": _access_text(data), "access_expires_at": data.get(
+                       "access_expires_at") or None, "token": "set (hidden)"}
+        _emit(args, summary, "\n".join("%-18s %s" % (k + ":", v) for k, v in summary.items()))
+    elif args.action == "renew":
+        if args.rotate_token:
+            data["token"] = new_token()
+        if args.public_base_url is not None:
+            data["public_base_url"] = _public_url(args.public_base_url)
+        data["access_expires_at"] = _expiry(args.ttl_minutes)
+        channel.save(data)
+        print("channel renewed: access %s" % _access_text(data))
+        _announce_token(data)
+    elif args.action == "revoke":
+        data["access_expires_at"] = iso()
+        data["token"] = new_token()  # rotated and not printed: the old token is dead
+        channel.save(data)
+        print("access revoked and the token rotated (not shown). Stop the tunnel too; "
+              "`patchbay channel renew` reactivates the channel and prints the new token.")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    channel = Channel(resolve_home(args))
+    data = dict(channel.load())
+    if not data.get("token"):
+        raise UsageError("no channel yet: run `patchbay channel register --workspace DIR`")
+    if args.command == "rotate-token":
+        data["token"] = new_token()
+        channel.save(data)
+    print(data["token"])
+    return 0
+
+
+def cmd_access(args: argparse.Namespace) -> int:
+    channel = Channel(resolve_home(args))
+    data = dict(channel.load())
+    if not data.get("token"):
+        raise UsageError("no channel yet: run `patchbay channel register --workspace DIR`")
+    if args.action == "grant":
+        data["access_expires_at"] = _expiry(args.ttl_minutes)
+        channel.save(data)
+    elif args.action == "revoke":
+        data["access_expires_at"] = iso()
+        channel.save(data)
+    _emit(args, {"access": _access_text(data),
+                 "access_expires_at": data.get("access_expires_at") or None},
+          "access: %s" % _access_text(data))
+    return 0
+
+
+def cmd_workspace(args: argparse.Namespace) -> int:
+    channel = Channel(resolve_home(args))
+    data = dict(channel.load())
+    spaces: Dict[str, str] = dict(data.get("workspaces") or {})
+    if args.action == "add":
+        if not args.name or not args.path:
+            raise UsageError("workspace add needs --name N --path DIR")
+        spaces[_slug(args.name)] = _workspace_path(args.path)
+    elif args.action in ("remove", "switch"):
+        name = args.target or args.name
+        if name not in spaces:
+            raise UsageError("no workspace named %r; registered: %s"
+                             % (name, ", ".join(spaces) or "none"))
+        if args.action == "remove":
+            del spaces[name]
+            if data.get("active_workspace") == name:
+                data["active_workspace"] = next(iter(spaces), None)
+        else:
+            data["active_workspace"] = name
+    if args.action != "list":
+        data["workspaces"] = spaces
+        channel.save(data)
+    active = data.get("active_workspace")
+    _emit(args, {"workspaces": spaces, "active_workspace": active},
+          "\n".join("%s %-20s %s" % ("*" if n == active else " ", n, p)
+                    for n, p in spaces.items()) or "no workspaces registered")
+    return 0
+
+
+def save_profile(home: str, name: str, settings: Dict[str, Any]) -> str:
+    """Write a launch profile; secrets are dropped by an exact list of key names, so keys
+    such as token_file or allow_query_token survive."""
+    clean = {k: v for k, v in settings.items()
+             if k.lower() not in SECRET_KEYS and v not in (None, [], "")}
+    directory = private_dir(os.path.join(home, "profiles"))
+    path = os.path.join(directory, _slug(name) + ".json")
+    atomic_write(path, (json.dumps(clean, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+# -- looking at a running server ----------------------------------------------------------
+
+def http_request(url: str, method: str = "GET", body: Any = None,
+                 headers: Optional[Dict[str, str]] = None,
+                 timeout: float = 10) -> Tuple[int, Dict[str, str], bytes]:
+    import http.client  # only the checking commands need a client
+    parts = urllib.parse.urlsplit(url)
+    conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else \
+        http.client.HTTPConnection
+    conn = conn_cls(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+    data = body if isinstance(body, bytes) or body is None else dumps(body).encode()
+    path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    try:
+        conn.request(method, path, body=data, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def _known_token(args: argparse.Namespace) -> Optional[str]:
+    token = static_token(getattr(args, "token_file", None))
+    return token or Channel(resolve_home(args)).load().get("token") or None
+
+
+def _checks_table(args: argparse.Namespace, checks: List[Tuple[str, str, str]]) -> int:
+    if args.json:
+        print(dumps([{"status": st, "check": name, "detail": detail}
+                     for st, name, detail in checks]))
+    else:
+        for st, name, detail in checks:
+            print("%-5s %-18s %s" % (st, name, detail))
+    return 1 if any(st == "fail" for st, _, _ in checks) else 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    base = (args.base_url or Channel(resolve_home(args)).load().get("public_base_url")
+            or "http://127.0.0.1:%d" % args.port).rstrip("/")
+    token = _known_token(args)
+    auth = {"Authorization": "Bearer %s" % token} if token else {}
+    json_h = {"Content-Type": "application/json", "Accept": "application/json, "
+              "text/event-stream"}
+    checks: List[Tuple[str, str, str]] = []
+
+    def check(name: str, fn: Callable[[], Tuple[str, str]]) -> None:
+        try:
+            st, detail = fn()
+        except (OSError, ValueError, KeyError) as exc:
+            st, detail = "fail", "%s: %s" % (type(exc).__name__, exc)
+        checks.append((st, name, detail))
+
+    def health() -> Tuple[str, str]:
+        st, _, body = http_request(base + "/health")
+        return ("ok", "reachable") if st == 200 and json.loads(body).get("ok") else (
+            "fail", "GET /health answered %d" % st)
+
+    def servers() -> Tuple[str, str]:
+        st, _, body = http_request(base + "/openapi.json")
+        url = json.loads(body)["servers"][0]["url"].rstrip("/")
+        return ("ok", url) if url == base else (
+            "fail", "the schema advertises %s, not %s; set it with `patchbay channel renew "
+                    "--public-base-url %s`" % (url, base, base))
+
+    def unauthorised() -> Tuple[str, str]:
+        st, hdrs, _ = http_request(base + "/mcp", "POST", {"jsonrpc": "2.0", "id": 1,
+                                                          "method": "ping"}, json_h)
+        return ("ok", "401 without a token") if st == 401 else (
+            "fail" if token else "warn", "an unauthenticated POST got %d%s" % (
+                st, "" if token else " (this server runs without a token)"))
+
+    def mcp() -> Tuple[str, str]:
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": MCP_VERSIONS[0], "capabilities": {},
+            "clientInfo": {"name": "patchbay-verify", "version": __version__}}}
+        st, hdrs, body = http_request(base + "/mcp", "POST", init, dict(json_h, **auth))
+        if st != 200:
+            return "fail", "initialize answered %d" % st
+        sid = hdrs.get("mcp-session-id", "")
+        h = dict(json_h, **auth, **{"Mcp-Session-Id": sid,
+                                    "MCP-Protocol-Version": MCP_VERSIONS[0]})
+        st, _, body = http_request(base + "/mcp", "POST", {"jsonrpc": "2.0", "id": 2,
+                                                          "method": "tools/list"}, h)
+        http_request(base + "/mcp", "DELETE", None, h)
+        tools = json.loads(body)["result"]["tools"]
+        return "ok", "%d tools" % len(tools)
+
+    def actions() -> Tuple[str, str]:
+        st, _, body = http_request(base + "/actions/workspace", "POST", {}, dict(json_h, **auth))
+        return ("ok", "workspace %s" % json.loads(body).get("workspace")) if st == 200 else (
+            "fail", "POST /actions/workspace answered %d" % st)
+
+    def host_check() -> Tuple[str, str]:
+        st, _, _ = http_request(base + "/health", headers={"Host": "evil.example"})
+        return ("ok", "a foreign Host gets 421") if st == 421 else (
+            "fail", "a foreign Host got %d" % st)
+
+    check("health", health)
+    check("openapi servers", servers)
+    check("no token refused", unauthorised)
+    check("mcp tools/list", mcp)
+    check("actions call", actions)
+    if is_loopback(urllib.parse.urlsplit(base).hostname or ""):
+        check("host check", host_check)
+    return _checks_table(args, checks)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    home = resolve_home(args)
+    checks: List[Tuple[str, str, str]] = []
+    checks.append(("ok", "python", sys.version.split()[0]))
+
+    def version(binary: Optional[str], flag: str = "--version") -> Optional[str]:
+        if not binary:
+            return None
+        try:
+            out = subprocess.run([binary, flag], capture_output=True, timeout=15,
+                                 stdin=subprocess.DEVNULL, env=child_env())
+            return (out.stdout or out.stderr).decode("utf-8", "replace").strip().splitlines()[0]
+        except (OSError, subprocess.TimeoutExpired, IndexError):
+            return None
+
+    git = version(shutil.which("git"))
+    checks.append(("ok", "git", git) if git else ("fail", "git", "not found: install git"))
+    rg = shutil.which("rg")
+    checks.append(("ok", "ripgrep", rg) if rg else (
+        "warn", "ripgrep", "not found; search falls back to git grep (install ripgrep for "
+                           "speed)"))
+    cfg = Config.resolve(home, args.profile)
+    codex = version(shutil.which(cfg.codex["bin"]))
+    checks.append(("ok", "codex", codex) if codex else (
+        "warn", "codex", "not found: `npm install -g @openai/codex` for Codex workers"))
+    for mode in ("cloudflare", "ngrok"):
+        info = TUNNEL_PROVIDERS[mode]
+        found = version(tunnel_binary(mode), "--version")
+        checks.append(("ok", info["bin"], found) if found else (
+            "warn", info["bin"], "not found (only for tunnels): %s; PatchBay never downloads "
+                                 "it" % info["install"]))
+    if os.path.isdir(home):
+        mode_bits = stat.S_IMODE(os.stat(home).st_mode)
+        checks.append(("ok", "home", "%s (0%o)" % (home, mode_bits)) if not mode_bits & 0o077
+                      else ("fail", "home", "%s is 0%o; run chmod 700 %s" % (home, mode_bits,
+                                                                           home)))
+    else:
+        checks.append(("ok", "home", "%s (created on first use)" % home))
+    channel = Channel(home)
+    if os.path.exists(channel.path):
+        bits = stat.S_IMODE(os.stat(channel.path).st_mode)
+        if bits & 0o077:
+            checks.append(("fail", "config.json", "mode 0%o; run chmod 600 %s"
+                           % (bits, channel.path)))
+    token = _known_token(args)
+    if not token:
+        checks.append(("warn", "token", "none: loopback only; `patchbay channel register "
+                                        "--workspace DIR` creates one"))
+    elif len(token) < 32:
+        checks.append(("warn", "token", "only %d characters; `patchbay rotate-token` makes a "
+                                        "256-bit one" % len(token)))
+    else:
+        checks.append(("ok", "token", "set, %d characters (hidden)" % len(token)))
+    risk = "full power: no Codex sandbox, inherited environment" if cfg.extends == "full" else (
+        "writes and commands enabled" if cfg.extends == "power" else "no writes to the checkout")
+    checks.append(("warn" if cfg.extends == "full" else "ok", "profile",
+                   "%s (%s)" % (cfg.profile_name, risk)))
+    try:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.bind(("127.0.0.1", args.port))
+        probe.close()
+        checks.append(("ok", "port", "%d is free" % args.port))
+    except OSError:
+        checks.append(("warn", "port", "%d is in use (a running PatchBay?); `patchbay status` "
+                                       "tells" % args.port))
+    _checks_table(args, checks)
+    return 1 if any(st == "fail" for st, _, _ in checks) else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    home = resolve_home(args)
+    data = Channel(home).load()
+    base = (args.base_url or "http://127.0.0.1:%d" % args.port).rstrip("/")
+    try:
+        st, _, _ = http_request(base + "/health", timeout=3)
+        server = "running at %s" % base if st == 200 else "answered %d at %s" % (st, base)
+    except OSError:
+        server = "not reachable at %s" % base
+    counts: Dict[str, int] = {}
+    for run in _job_runs(home, None, None):
+        counts[run.state] = counts.get(run.state, 0) + 1
+    summary = {"server": server,
+               "channel": ("registered, access %s" % _access_text(data)) if data.get("token")
+               else "not registered",
+               "public_base_url": data.get("public_base_url") or None,
+               "workspaces": sorted(data.get("workspaces") or {}),
+               "active_workspace": data.get("active_workspace"),
+               "jobs": counts}
+    _emit(args, summary, "\n".join("%-16s %s" % (k + ":", v) for k, v in summary.items()))
+    return 0
+
+
+# Sample arguments for api-smoke, in an order that leaves each tool something to act on.
+SMOKE_CALLS: List[Tuple[str, Dict[str, Any]]] = [
+    ("workspace", {}), ("list_files", {}), ("read_file", {"path": "README.md"}),
+    ("search", {"query": "smoke"}), ("fetch", {"id": "README.md:1"}), ("changes", {}),
+    ("write_file", {"path": "smoke/new.txt", "content": "one\n"}),
+    ("edit_file", {"path": "smoke/new.txt", "old_text": "one", "new_text": "two"}),
+    ("apply_patch", {"patch": "*** Begin Patch\n*** Update File: smoke/new.txt\n@@\n-two\n"
+                              "+three\n*** End Patch\n"}),
+    ("run_command", {"command": "cat smoke/new.txt", "timeout_s": 10}),
+    ("codex_status", {}), ("switch_workspace", {"name": "workspace"}),
+]
+
+
+def cmd_api_smoke(args: argparse.Namespace) -> int:
+    """Every enabled tool through both front doors, on a throwaway workspace and home."""
+    import tempfile  # only this command needs it
+    rows: List[Tuple[str, str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="patchbay-smoke-") as tmp:
+        repo = os.path.join(tmp, "workspace")
+        os.makedirs(repo)
+        with open(os.path.join(repo, "README.md"), "w", encoding="utf-8") as f:
+            f.write("# api smoke\n\nA throwaway workspace for the smoke test.\n")
+        git = Git()
+        if git.available:
+            git.run(repo, ["init", "-q"])
+            git.run(repo, ["add", "-A"])
+            git.run(repo, ["-c", "user.name=patchbay", "-c", "user.email=patchbay@localhost",
+                           "commit", "-q", "-m", "smoke"])
+        token = new_token()
+        cfg = Config.resolve(os.path.join(tmp, "home"), args.profile,
+                             {"roots": [repo], "port": 0})
+        app = App(cfg, token)
+        server = Server(("127.0.0.1", 0), app)
+        thread = threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True)
+        thread.start()
+        base = app.local_url.rstrip("/")
+        auth = {"Authorization": "Bearer " + token, "Content-Type": "application/json",
+                "Accept": "application/json, text/event-stream"}
+        try:
+            init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                "protocolVersion": MCP_VERSIONS[0], "capabilities": {},
+                "clientInfo": {"name": "api-smoke", "version": __version__}}}
+            _, hdrs, _ = http_request(base + "/mcp", "POST", init, auth)
+            mcp_h = dict(auth, **{"Mcp-Session-Id": hdrs.get("mcp-session-id", ""),
+                                  "MCP-Protocol-Version": MCP_VERSIONS[0]})
+            enabled = set(app.dispatcher.tools)
+            for name, sample in SMOKE_CALLS:
+                if name not in enabled:
+                    continue
+                st, _, body = http_request(base + "/mcp", "POST", {
+                    "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                    "params": {"name": name, "arguments": sample}}, mcp_h)
+                mcp_ok = st == 200 and not json.loads(body)["result"]["isError"]
+                # The Actions door repeats the sequence on its own copy of the files.
+                other = json.loads(dumps(sample).replace("smoke/", "smoke-actions/"))
+                st, _, _ = http_request(base + "/actions/" + name, "POST", other, auth)
+                rows.append((name, "PASS" if mcp_ok else "FAIL", "PASS" if st == 200 else "FAIL"))
+            for name in sorted(enabled - {n for n, _ in SMOKE_CALLS}):
+                rows.append((name, "SKIP", "SKIP"))  # Codex turns need a model service
+        finally:
+            server.shutdown()
+            server.server_close()
+            app.close()
+    if args.json:
+        print(dumps([{"tool": n, "mcp": m, "actions": a} for n, m, a in rows]))
+    else:
+        print("%-22s %-6s %s" % ("TOOL", "MCP", "ACTIONS"))
+        for row in rows:
+            print("%-22s %-6s %s" % row)
+    failed = [r for r in rows if "FAIL" in r]
+    skipped = [r for r in rows if "SKIP" in r]
+    if not args.json:
+        print("%d passed, %d failed, %d skipped"
+              % (len(rows) - len(failed) - len(skipped), len(failed), len(skipped)))
+    return 1 if failed else 0
+
+
+def cmd_tunnel(args: argparse.Namespace) -> int:
+    """A tunnel for a server that already runs: record its URL in the channel."""
+    home = resolve_home(args)
+    if not _known_token(args):
+        raise UsageError("a tunnel exposes the server publicly and needs a token: run "
+                         "`patchbay channel register --workspace DIR` first")
+    channel = Channel(home)
+    done = threading.Event()
+
+    def on_url(url: str) -> None:
+        channel.update(public_base_url=url)
+        print("patchbay tunnel ready: %s\n%s" % (url, chatgpt_settings(
+            url, _known_token(args), args.reveal_token)), flush=True)
+
+    tunnel = Tunnel(args.mode, args.port, on_url, args.hostname, args.tunnel_name,
+                    args.tunnel_bin)
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    tunnel.start()
+    try:
+        while not done.wait(0.5):
+            pass
+    finally:
+        tunnel.stop()
+    return 0
 
 
 def _job_runs(home: str, name: Optional[str], workspace: Optional[str]) -> List[Run]:
@@ -4290,8 +4998,22 @@ def args_common(p: argparse.ArgumentParser) -> None:
                    help="readonly, worker (default), power, full, or a .json/.yaml file")
 
 
+def args_tunnel_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hostname", help="public hostname (named Cloudflare tunnel, ngrok --url)")
+    p.add_argument("--tunnel-name", help="named Cloudflare tunnel to run")
+    p.add_argument("--tunnel-bin", metavar="PATH", help="cloudflared or ngrok binary "
+                   "(default: $CLOUDFLARED_BIN / $NGROK_BIN, then PATH)")
+    p.add_argument("--reveal-token", action="store_true",
+                   help="print the real token in the ChatGPT settings")
+
+
 def args_serve(p: argparse.ArgumentParser) -> None:
     args_common(p)
+    p.add_argument("--tunnel", choices=["none"] + list(TUNNEL_PROVIDERS),
+                   help="start and supervise a tunnel (needs a token)")
+    args_tunnel_flags(p)
+    p.add_argument("--save-profile", nargs="?", const=True, metavar="NAME",
+                   help="remember these settings as a profile (default name: the workspace)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8765; 0 picks a free one)")
     p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
@@ -4301,6 +5023,61 @@ def args_serve(p: argparse.ArgumentParser) -> None:
                    help="extra Host header value to accept (repeatable; host:* for any port)")
 
 
+def args_channel(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["register", "status", "renew", "revoke"])
+    p.add_argument("--workspace", metavar="DIR", help="register: the workspace directory")
+    p.add_argument("--name", help="register: the workspace's name (default: its directory)")
+    p.add_argument("--public-base-url", metavar="URL", help="the public https URL")
+    p.add_argument("--ttl-minutes", type=int, metavar="M", help="access expires after M minutes")
+    p.add_argument("--force", action="store_true", help="register: replace an existing channel")
+    p.add_argument("--rotate-token", action="store_true", help="renew: a new token as well")
+
+
+def args_access(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["status", "grant", "revoke"])
+    p.add_argument("--ttl-minutes", type=int, metavar="M",
+                   help="grant: access for M minutes (none: no expiry)")
+
+
+def args_workspace(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["list", "add", "remove", "switch"])
+    p.add_argument("target", nargs="?", help="remove/switch: the workspace name")
+    p.add_argument("--name", help="add: the new workspace's name")
+    p.add_argument("--path", metavar="DIR", help="add: its directory")
+
+
+def args_none(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def args_port(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="the local server's port")
+
+
+def args_verify(p: argparse.ArgumentParser) -> None:
+    args_port(p)
+    p.add_argument("--base-url", metavar="URL", help="check this URL (default: the channel's "
+                   "public URL, else the local server)")
+    p.add_argument("--token-file", metavar="FILE", help="the token to use")
+
+
+def args_doctor(p: argparse.ArgumentParser) -> None:
+    args_port(p)
+    p.add_argument("--profile", metavar="NAME|FILE", help="the profile to judge")
+
+
+def args_smoke(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="power", metavar="NAME|FILE",
+                   help="profile to exercise (default: power, every non-Codex tool)")
+
+
+def args_tunnel(p: argparse.ArgumentParser) -> None:
+    p.add_argument("mode", nargs="?", default="cloudflare", choices=list(TUNNEL_PROVIDERS))
+    args_port(p)
+    args_tunnel_flags(p)
+    p.add_argument("--token-file", metavar="FILE", help="the running server's token file")
+
+
 COMMANDS: List[Tuple[str, Callable[[argparse.Namespace], int], str,
                      Callable[[argparse.ArgumentParser], None]]] = [
     ("serve", cmd_serve, "run the HTTP server (MCP at /mcp, Actions at /actions/<tool>)",
@@ -4308,6 +5085,23 @@ COMMANDS: List[Tuple[str, Callable[[argparse.Namespace], int], str,
     ("stdio", cmd_stdio, "speak MCP over stdin/stdout for local MCP hosts", args_common),
     ("jobs", cmd_jobs, "list, show, read the logs of, or cancel Codex workers and jobs",
      args_jobs),
+    ("tunnel", cmd_tunnel, "start only a tunnel for a server that is already running",
+     args_tunnel),
+    ("channel", cmd_channel, "register, inspect, renew or revoke the ChatGPT channel",
+     args_channel),
+    ("token", cmd_token, "print the current token", args_none),
+    ("rotate-token", cmd_token, "replace the token and print the new one", args_none),
+    ("access", cmd_access, "show, grant (with a TTL) or revoke access", args_access),
+    ("workspace", cmd_workspace, "list, add, remove or switch registered workspaces",
+     args_workspace),
+    ("status", cmd_status, "is the server up; channel and jobs summary (never the token)",
+     args_verify),
+    ("doctor", cmd_doctor, "check this machine's setup and say how to fix each problem",
+     args_doctor),
+    ("verify", cmd_verify, "check a running server, locally or through its public URL",
+     args_verify),
+    ("api-smoke", cmd_api_smoke, "self-contained end-to-end check of every tool, both doors",
+     args_smoke),
 ]
 
 

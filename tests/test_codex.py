@@ -359,7 +359,12 @@ def test_jobs_cli_lists_shows_logs_and_cancels(codex_env: FakeModel, start: Any,
     pgid = run.pgid
     cancelled = jobs("cancel", "cli-one")
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+    deadline = time.monotonic() + 10  # the runner reaps the killed group (zombies count)
+    while pgid and group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert pgid and not group_alive(pgid)
+    status, _ = client.call("codex_status", {"name": "cli-one", "wait_s": 2})
+    assert status["state"] == "cancelled", status
     missing = jobs("show", "nope")
     assert missing.returncode == 1 and "patchbay: error:" in missing.stderr
     assert "Traceback" not in missing.stderr
