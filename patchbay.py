@@ -16,19 +16,26 @@ Endpoints (serve):
     POST /actions/<tool> custom-GPT Actions; GET /openapi.json describes them
     GET /health, GET /privacy
 
-Subcommands: serve, stdio (run `patchbay.py COMMAND --help` for flags).
+Subcommands (`patchbay.py COMMAND --help` for flags):
+    serve, stdio              the two ways to run it
+    channel, token, rotate-token, access, workspace
+                              the ChatGPT channel: token, TTL, workspace registry
+    tunnel                    cloudflared or ngrok for a server that is already running
+    jobs                      Codex workers and jobs in the terminal
+    status, doctor, verify, api-smoke
+                              what runs, what is missing, does it work end to end
 
 Security: every tool goes through one path guard (roots pinned as directory fds, no `..`,
 no symlink leaves a root, blocked secret files), every HTTP route but the public GETs
 needs the bearer token (or `?patchbay_token=`), Host and Origin are checked before
-anything else, and a server bound beyond loopback refuses to start without a token.
-Tokens never reach logs, child processes or tool results. The profile (`readonly`,
-`worker`, `power`, `full`) fixes the tool list at start; nothing widens it later.
+anything else, and a server bound beyond loopback or behind a tunnel refuses to start
+without a token. Tokens never reach logs, child processes or tool results. The profile
+(`readonly`, `worker`, `power`, `full`) fixes the tool list at start; nothing widens it.
 
 Contents (grep -n '^# §'):
     §1 Errors · §2 Utilities · §3 Config and profiles · §4 Channel and auth ·
-    §5 Path guard · §6 Git · §7 Edits and the command policy · §8 Tools · §9 MCP ·
-    §10 OpenAPI and Actions · §11 HTTP server · §12 CLI
+    §5 Path guard · §6 Git · §7 Edits and the command policy · §8 Codex runner ·
+    §9 Tools · §10 MCP · §11 OpenAPI and Actions · §12 HTTP server · §13 Tunnel · §14 CLI
 """
 
 from __future__ import annotations
@@ -2443,7 +2450,7 @@ class CodexRunner:
 
 
 # =======================================================================================
-# §8 Tools: one registry feeds MCP and Actions
+# §9 Tools: one registry feeds MCP and Actions
 # =======================================================================================
 
 REQUIRED = object()
@@ -3461,7 +3468,7 @@ class Dispatcher:
 
 
 # =======================================================================================
-# §9 MCP: JSON-RPC methods, sessions, stdio
+# §10 MCP: JSON-RPC methods, sessions, stdio
 # =======================================================================================
 
 class RawJson(str):
@@ -3669,7 +3676,7 @@ def serve_stdio(endpoint: McpEndpoint, stdin: Any, stdout: Any) -> int:
 
 
 # =======================================================================================
-# §10 OpenAPI and Actions
+# §11 OpenAPI and Actions
 # =======================================================================================
 
 def build_openapi(tools: List[Tool], server_url: str) -> Dict[str, Any]:
@@ -3716,7 +3723,7 @@ directory. Whoever runs it is responsible for what it exposes and to whom.
 
 
 # =======================================================================================
-# §11 HTTP server: thin wire layer; limits, auth, routing, errors -> statuses
+# §12 HTTP server: thin wire layer; limits, auth, routing, errors -> statuses
 # =======================================================================================
 
 class HttpError(Exception):
