@@ -1919,8 +1919,13 @@ class Run:
         self.version = 0
         self.turn_started = 0.0
 
-    def saved(self) -> Dict[str, Any]:
-        return {k: getattr(self, k) for k in self.FIELDS}
+    def save(self) -> None:
+        """Write state.json atomically (0600): on transitions only, never per event."""
+        self.updated = iso()
+        private_dir(self.state_dir)
+        atomic_write(os.path.join(self.state_dir, "state.json"),
+                     (json.dumps({k: getattr(self, k) for k in self.FIELDS}, indent=1)
+                      + "\n").encode())
 
     def report(self) -> Dict[str, Any]:
         """What a caller may see: no thread id, no process id, no absolute path."""
@@ -1991,7 +1996,7 @@ class CodexRunner:
                     self._kill_stale(run.pgid)
                     run.state, run.pgid = "interrupted", None
                     run.error = "PatchBay stopped during this turn; message it to resume"
-                    self._save(run)
+                    run.save()
                 self.runs[(ws_key, run.name)] = run
 
     @staticmethod
@@ -2006,16 +2011,11 @@ class CodexRunner:
         except OSError:
             pass
 
-    def _save(self, run: Run) -> None:
-        run.updated = iso()
-        private_dir(run.state_dir)
-        atomic_write(os.path.join(run.state_dir, "state.json"),
-                     (json.dumps(run.saved(), indent=1) + "\n").encode())
 
     def _changed(self, run: Run, persist: bool = True) -> None:
         """Call with self.cond held."""
         if persist:
-            self._save(run)
+            run.save()
         run.version += 1
         self.version += 1
         self.cond.notify_all()
@@ -3307,16 +3307,20 @@ _NAME = Param("string", "Worker or job name, e.g. fix-login or plan-1.", max_len
 _MODEL = Param("string", "Codex model slug; default from the profile.", None, max_length=64,
                nullable=True)
 _PROMPT = Param("string", "What Codex should do.", max_length=100_000)
+# Starting Codex changes nothing in the checkout, but it is not read-only either: it runs a
+# process that talks to a model service (open world) and may write in its worktree.
+_STARTS_CODEX = {"read_only": False, "destructive": False, "idempotent": False,
+                 "open_world": True}
 TOOL_SPECS += [
     ("codex_plan_job", "plan",
      "Start a Codex run that studies the workspace read-only and answers with a plan; "
      "returns its name at once.",
      {"prompt": _PROMPT, "model": _MODEL},
-     {"read_only": False, "destructive": False, "idempotent": False, "open_world": True}),
+     _STARTS_CODEX),
     ("codex_apply_job", "codex",
      "Start a one-shot Codex run in a new isolated git worktree; review with codex_diff.",
      {"prompt": _PROMPT, "model": _MODEL},
-     {"read_only": False, "destructive": False, "idempotent": False, "open_world": True}),
+     _STARTS_CODEX),
     ("codex_worker_start", "codex",
      "Start a named Codex worker (own worktree and branch patchbay/NAME); its first turn "
      "begins at once.",
@@ -3324,12 +3328,12 @@ TOOL_SPECS += [
       "workspace_mode": Param("string", "isolated (own worktree) or read_only (advice only).",
                               "isolated", enum=["isolated", "read_only"]),
       "model": _MODEL},
-     {"read_only": False, "destructive": False, "idempotent": False, "open_world": True}),
+     _STARTS_CODEX),
     ("codex_worker_message", "codex",
      "Send a worker its next instruction (resumes its Codex session; queued while a turn "
      "runs).",
      {"worker": _NAME, "message": _PROMPT},
-     {"read_only": False, "destructive": False, "idempotent": False, "open_world": True}),
+     _STARTS_CODEX),
     ("codex_status", "plan",
      "State, last message and changed files of one worker or job, or all; wait_s waits for "
      "the next change.",
@@ -4984,9 +4988,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             return 0
         CodexRunner._kill_stale(run.pgid)
         run.state, run.pgid, run.error = "cancelled", None, "cancelled from the terminal"
-        run.updated = iso()
-        atomic_write(os.path.join(run.state_dir, "state.json"),
-                     (json.dumps(run.saved(), indent=1) + "\n").encode())
+        run.save()
         print("%s cancelled" % run.name)
     return 0
 
