@@ -766,9 +766,10 @@ class Access:
         token: Optional[str] = self.view()["token"]
         return token
 
-    def credential(self, header: Optional[str], query_token: Optional[str]) -> Optional[str]:
+    def credential(self, header: Optional[str], query_token: Optional[str],
+                   view: Optional[Dict[str, Any]] = None) -> Optional[str]:
         """Return a stable id of the credential used, or None when it is wrong or missing."""
-        view = self.view()
+        view = view or self.view()
         if view["digest"] is None:
             return ""  # loopback without a token: everyone on this machine is the same caller
         offered = None
@@ -781,8 +782,8 @@ class Access:
         cred: str = view["cred"]
         return cred
 
-    def expired(self) -> bool:
-        expires = self.view()["expires"]
+    def expired(self, view: Optional[Dict[str, Any]] = None) -> bool:
+        expires = (view or self.view())["expires"]
         return expires is not None and time.time() >= expires
 
     # -- Host and Origin (DNS rebinding, cross-site posts) ------------------------------
@@ -790,10 +791,10 @@ class Access:
         public: str = self.view()["public"]
         return public
 
-    def host_ok(self, host: Optional[str]) -> bool:
+    def host_ok(self, host: Optional[str], view: Optional[Dict[str, Any]] = None) -> bool:
         if not host:
             return False
-        view = self.view()
+        view = view or self.view()
         if host.lower() in view["exact"]:
             return True
         name, port = split_host(host)
@@ -807,7 +808,7 @@ class Access:
         """Whether a profile lists this origin for CORS (off unless allowed_origins is set)."""
         return origin.strip().rstrip("/").lower() in (o.lower() for o in self.cfg.allowed_origins)
 
-    def origin_ok(self, origin: Optional[str]) -> bool:
+    def origin_ok(self, origin: Optional[str], view: Optional[Dict[str, Any]] = None) -> bool:
         if origin is None:
             return True  # non-browser clients send none; browsers always do
         if self.cors_origin(origin):
@@ -816,7 +817,7 @@ class Access:
         parts = urllib.parse.urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             return False  # "null", file:, chrome-extension: ...
-        return self.host_ok(parts.netloc)
+        return self.host_ok(parts.netloc, view)
 
 
 # =======================================================================================
@@ -3923,11 +3924,12 @@ class Handler(socketserver.StreamRequestHandler):
         app = self.server.app
         url = urllib.parse.urlsplit(self.path)
         path = url.path
-        if not app.access.host_ok(self.headers.get("Host")):
+        view = app.access.view()  # config.json is looked at once per request
+        if not app.access.host_ok(self.headers.get("Host"), view):
             raise HttpError(421, {"error": "misdirected", "message": "Host header not allowed; "
                                   "add it with --allow-host if it is yours"})
         origin = self.headers.get("Origin")
-        if not app.access.origin_ok(origin):
+        if not app.access.origin_ok(origin, view):
             raise HttpError(403, {"error": "forbidden_origin", "message": "Origin not allowed"})
         if method == "OPTIONS":
             if origin and app.access.cors_origin(origin):
@@ -3949,10 +3951,10 @@ class Handler(socketserver.StreamRequestHandler):
         if path.startswith("/.well-known/"):
             raise HttpError(404, {"error": "not_found", "message": "no OAuth here; use the "
                                   "bearer token"})
-        cred = self._credential(url.query)
+        cred = self._credential(url.query, view)
         if cred is None:
             raise UNAUTHORIZED
-        if app.access.expired():
+        if app.access.expired(view):
             raise HttpError(403, {"error": "access_expired", "message": "access has expired; "
                                   "renew it to continue"})
         if path in ("/mcp", "/mcp/"):
@@ -3971,7 +3973,7 @@ class Handler(socketserver.StreamRequestHandler):
         raise HttpError(404, {"error": "not_found", "message": "no such route"})
 
     # -- pieces ------------------------------------------------------------------------
-    def _credential(self, query: str) -> Optional[str]:
+    def _credential(self, query: str, view: Dict[str, Any]) -> Optional[str]:
         headers = self.headers.get_all("Authorization") or []
         if len(headers) > 1:
             return None
@@ -3980,7 +3982,7 @@ class Handler(socketserver.StreamRequestHandler):
         if len(tokens) > 1:
             return None
         return self.server.app.access.credential(headers[0] if headers else None,
-                                                 tokens[0] if tokens else None)
+                                                 tokens[0] if tokens else None, view)
 
     def _body(self, need_json: bool = True) -> bytes:
         if self.headers.get("Transfer-Encoding"):
