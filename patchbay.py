@@ -185,7 +185,9 @@ def utc_now() -> datetime.datetime:
 
 
 def iso(ts: Optional[datetime.datetime] = None) -> str:
-    return (ts or utc_now()).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if ts is None:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return ts.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_iso(text: str) -> Optional[datetime.datetime]:
@@ -315,6 +317,11 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
         except OSError:
             pass
         raise
+
+
+def count_lines(text: str) -> int:
+    """Lines as editors count them: separated by "\\n", a last line without one counts."""
+    return text.count("\n") + (1 if text and not text.endswith("\n") else 0)
 
 
 def json_len(text: str) -> int:
@@ -2824,34 +2831,24 @@ class Workbench:
     def tool_read_file(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
         data, parts = self.guard.read(call.root, args["path"], self.limits["read_bytes"])
         text = self._text(data, parts)
-        lines = text.splitlines(keepends=True)
-        start = args["start_line"]
-        if start > max(len(lines), 1):
+        total = count_lines(text)
+        start, budget = args["start_line"], self.limits["text_chars"]
+        if start > max(total, 1):
             raise PatchbayError("start_line %d is past the end: %s has %d lines"
-                                % (start, rel(parts), len(lines)))
-        budget = self.limits["text_chars"]
-        chunk: List[str] = []
-        used = 0
-        truncated = False
-        end = start - 1
-        window = lines[start - 1: start - 1 + args["max_lines"]]
-        whole = "".join(window)
-        if len(whole) <= budget // 6 or json_len(whole) <= budget:  # the usual case: it fits
-            chunk, end, window = [whole], end + len(window), []
-        for line in window:
-            size = json_len(line)
-            if used + size > budget:
-                if not chunk:  # one huge line: return its head so the caller sees something
-                    chunk.append(cap_text(line, budget)[0])
-                    end += 1
-                truncated = True
-                break
-            chunk.append(line)
-            used += size
-            end += 1
-        return {"path": rel(parts), "text": "".join(chunk), "start_line": start,
-                "end_line": end, "total_lines": len(lines),
-                "next_start_line": end + 1 if end < len(lines) else None,
+                                % (start, rel(parts), total))
+        stop = min(start - 1 + args["max_lines"], total)
+        if start == 1 and stop == total:
+            whole = text  # the usual case, the whole file: no need to split it
+        else:
+            pieces = text.split("\n")
+            whole = "".join(pieces[i] + "\n" if i < len(pieces) - 1 else pieces[i]
+                            for i in range(start - 1, stop))
+        end, truncated = stop, False
+        if len(whole) > budget // 6 and json_len(whole) > budget:  # cut at a line that fits
+            whole, truncated = cap_text(whole, budget)
+            end = start - 1 + max(1, count_lines(whole))
+        return {"path": rel(parts), "text": whole, "start_line": start, "end_line": end,
+                "total_lines": total, "next_start_line": end + 1 if end < total else None,
                 "sha256": hashlib.sha256(data).hexdigest(), "truncated": truncated}
 
     def tool_search(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
@@ -3017,7 +3014,7 @@ class Workbench:
                 "url": self._url(call.root, rel(parts), line),
                 "metadata": {"path": rel(parts), "line": line, "workspace": call.root.name,
                              "sha256": hashlib.sha256(data).hexdigest(),
-                             "total_lines": len(full.splitlines()),
+                             "total_lines": count_lines(full),
                              "truncated": cut}}
 
     def tool_changes(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
