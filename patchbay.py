@@ -49,6 +49,7 @@ import hashlib
 import hmac
 import json
 import os
+import posixpath
 import re
 import secrets
 import shutil
@@ -346,21 +347,13 @@ def cap_text(text: str, limit: int) -> Tuple[str, bool]:
     return text[:cut], True
 
 
-def read_capped(stream: Any, limit: int) -> Tuple[bytes, bool]:
-    """Read at most `limit` bytes from a stream, then drain the rest without keeping it."""
-    chunks: List[bytes] = []
-    size = 0
-    truncated = False
-    while True:
-        chunk = stream.read(65536)
-        if not chunk:
-            break
-        if size < limit:
-            chunks.append(chunk[: limit - size])
-        if size + len(chunk) > limit:
-            truncated = True
-        size += len(chunk)
-    return b"".join(chunks), truncated
+def cap_middle(text: str, limit: int) -> Tuple[str, bool]:
+    """Like cap_text, but keep the head and the tail (a test run's summary is at the end)."""
+    if len(text) <= limit // 6 or json_len(text) <= limit:
+        return text, False
+    head = cap_text(text, limit // 2 - 40)[0]
+    tail = cap_text(text[::-1], limit // 2 - 40)[0][::-1]
+    return head + "\n[... output cut here ...]\n" + tail, True
 
 
 def kill_group(proc: subprocess.Popen[Any]) -> None:
@@ -380,7 +373,8 @@ class _Capture(threading.Thread):
 
     def __init__(self, stream: Any, cap: int) -> None:
         super().__init__(daemon=True)
-        self.fd, self.half = stream.fileno(), max(cap // 2, 1)
+        # Head and tail plus the marker stay under `cap`, so nothing cuts them again.
+        self.fd, self.half = stream.fileno(), max(cap // 2 - 64, 1)
         self.head = bytearray()
         self.tail = bytearray()
         self.total = 0
@@ -449,7 +443,8 @@ def run_capped(argv: List[str], cwd: str, env: Dict[str, str], timeout: float, c
 CHILD_ENV_ALLOW = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TERM",
                    "TMPDIR", "TZ", "CODEX_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR",
                    "VIRTUAL_ENV", "PYTHONPATH", "NODE_PATH", "GOPATH", "CARGO_HOME",
-                   "RUSTUP_HOME", "JAVA_HOME")
+                   "RUSTUP_HOME", "JAVA_HOME", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+                   "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy")
 CHILD_ENV_PREFIX_ALLOW = ("LC_", "OPENAI_", "CODEX_")
 OWN_SECRET_ENV = (ENV_TOKEN, "CLOUDFLARED_TOKEN", "TUNNEL_TOKEN", "NGROK_AUTHTOKEN",
                   "NGROK_API_KEY")
@@ -976,7 +971,7 @@ class PathGuard:
 
     # -- kernel walk -------------------------------------------------------------------
     def walk(self, root: Root, parts: List[str], whole: bool, create: bool = False,
-             final: bool = True) -> Tuple[int, List[str]]:
+             final: bool = True, created: Optional[List[str]] = None) -> Tuple[int, List[str]]:
         """Open the directory holding parts[-1] (or parts itself when `whole`).
 
         Returns (fd, resolved parts); the caller hands fd back with release(). In-root
@@ -986,7 +981,7 @@ class PathGuard:
         """
         for _hop in range(MAX_SYMLINK_HOPS):
             self.check(root, parts)
-            fd, spliced = self._walk_once(root, parts, whole, create, final)
+            fd, spliced = self._walk_once(root, parts, whole, create, final, created)
             if spliced is None:
                 return fd, parts
             parts = spliced
@@ -998,7 +993,7 @@ class PathGuard:
             os.close(fd)
 
     def _walk_once(self, root: Root, parts: List[str], whole: bool, create: bool,
-                   final: bool) -> Tuple[int, Optional[List[str]]]:
+                   final: bool, created: Optional[List[str]]) -> Tuple[int, Optional[List[str]]]:
         fd = root.fd
         try:
             for i in range(len(parts) if whole else len(parts) - 1):
@@ -1009,6 +1004,8 @@ class PathGuard:
                         raise PatchbayError("no such directory: %s" % rel(parts[: i + 1]),
                                             "NOT_FOUND") from None
                     os.mkdir(parts[i], 0o755, dir_fd=fd)
+                    if created is not None:  # so a failed patch can take them away again
+                        created.append(rel(parts[: i + 1]))
                     nfd = os.open(parts[i], DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
                     if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
@@ -1130,12 +1127,13 @@ class PathGuard:
         return data, parts
 
     def write(self, root: Root, path: Any, data: bytes, expected_sha256: Optional[str] = None,
-              create_dirs: bool = True, mode: Optional[int] = None) -> Dict[str, Any]:
+              create_dirs: bool = True, mode: Optional[int] = None,
+              created: Optional[List[str]] = None) -> Dict[str, Any]:
         """Replace a file atomically: temp file in the same directory (by fd), fsync, then
         rename over the old name. The rename replaces a symlink or hard link instead of
         writing through it; the old file's mode is kept."""
         parts = self.split(root, path)
-        pfd, parts = self.walk(root, parts, whole=False, create=create_dirs)
+        pfd, parts = self.walk(root, parts, whole=False, create=create_dirs, created=created)
         try:
             name = parts[-1]
             try:
@@ -1149,7 +1147,8 @@ class PathGuard:
                 if st.st_nlink > 1:
                     raise PatchbayError("%s has several hard links; PatchBay does not write "
                                         "hard-linked files" % rel(parts), "DENIED_PATH")
-                mode = stat.S_IMODE(st.st_mode) & 0o777  # setuid and friends are dropped
+                if mode is None:  # keep the file's mode (setuid and friends are dropped)
+                    mode = stat.S_IMODE(st.st_mode) & 0o777
             if expected_sha256 is not None:
                 current = self._sha_at(pfd, name) if st is not None else None
                 if current != expected_sha256.lower():
@@ -1186,35 +1185,53 @@ class PathGuard:
                 digest.update(chunk)
         return digest.hexdigest()
 
-    def unlink(self, root: Root, path: Any) -> int:
-        """Delete one regular file; returns its mode (for a rollback)."""
+    def lstat(self, root: Root, path: Any) -> Optional[os.stat_result]:
+        """The entry itself (a symlink is reported as one), or None when it is absent."""
         parts = self.split(root, path)
-        pfd, parts = self.walk(root, parts, whole=False)
+        try:
+            pfd, parts = self.walk(root, parts, whole=False, final=False)
+        except PatchbayError as exc:
+            if exc.code == "NOT_FOUND":
+                return None
+            raise
+        try:
+            return os.stat(parts[-1], dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        finally:
+            self.release(root, pfd)
+
+    def exists(self, root: Root, path: Any) -> bool:
+        return self.lstat(root, path) is not None
+
+    def unlink(self, root: Root, path: Any) -> int:
+        """Delete one regular file (never what a symlink points to); returns its mode."""
+        parts = self.split(root, path)
+        pfd, parts = self.walk(root, parts, whole=False, final=False)
         try:
             try:
                 st = os.stat(parts[-1], dir_fd=pfd, follow_symlinks=False)
             except FileNotFoundError:
                 raise PatchbayError("no such file: %s" % rel(parts), "NOT_FOUND") from None
             if not stat.S_ISREG(st.st_mode):
-                raise PatchbayError("%s is not a regular file" % rel(parts), "NOT_A_FILE")
+                raise PatchbayError("%s is not a regular file (PatchBay deletes files, not "
+                                    "links or directories)" % rel(parts), "NOT_A_FILE")
+            if st.st_nlink > 1:
+                raise PatchbayError("%s has several hard links; PatchBay does not delete "
+                                    "hard-linked files" % rel(parts), "DENIED_PATH")
             os.unlink(parts[-1], dir_fd=pfd)
             return stat.S_IMODE(st.st_mode) & 0o777
         finally:
             self.release(root, pfd)
 
-    def exists(self, root: Root, path: Any) -> bool:
+    def rmdir(self, root: Root, path: str) -> None:
+        """Remove an empty directory (a rollback of one a failed write created)."""
         parts = self.split(root, path)
+        pfd, parts = self.walk(root, parts, whole=False, final=False)
         try:
-            pfd, parts = self.walk(root, parts, whole=False)
-        except PatchbayError as exc:
-            if exc.code == "NOT_FOUND":
-                return False
-            raise
-        try:
-            os.stat(parts[-1], dir_fd=pfd, follow_symlinks=False)
-            return True
-        except FileNotFoundError:
-            return False
+            os.rmdir(parts[-1], dir_fd=pfd)
+        except OSError:
+            pass  # not empty, or gone: leave it
         finally:
             self.release(root, pfd)
 
@@ -1447,11 +1464,14 @@ class FilePatch:
         self.hunks: List[Hunk] = []
         self.added: List[str] = []         # content of an added file
         self.added_eof_nl = True
+        self.mode: Optional[int] = None    # from a git "new mode" header
 
 
 def parse_patch(text: str) -> List[FilePatch]:
     """Parse a Codex `*** Begin Patch` envelope or a unified diff (`git diff` output)."""
-    lines = text.replace("\r\n", "\n").split("\n")
+    # Split on \n only: a carriage return stays part of its line, so a git diff of a file
+    # with mixed line endings applies byte for byte (apply_hunks drops it for LF files).
+    lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     start = next((i for i, ln in enumerate(lines) if ln.strip()), None)
@@ -1459,7 +1479,7 @@ def parse_patch(text: str) -> List[FilePatch]:
         raise PatchbayError("the patch is empty")
     if lines[start].strip() == "*** Begin Patch":
         files = _parse_envelope(lines[start + 1:])
-    elif any(ln.startswith("--- ") for ln in lines) and any(ln.startswith("+++ ") for ln in lines):
+    elif any(ln.startswith(("--- ", "diff --git ")) for ln in lines):
         files = _parse_unified(lines)
     else:
         raise PatchbayError("not a patch: expected '*** Begin Patch' or a unified diff with "
@@ -1541,71 +1561,104 @@ def _diff_path(raw: str) -> Optional[str]:
     return path  # absolute or other: left for the path guard to judge
 
 
+def _git_headers(fp: Optional[FilePatch], headers: List[str]) -> Optional[FilePatch]:
+    """Apply a `diff --git` section's extended headers; a section with no ---/+++ (a pure
+    rename or a mode change) becomes a patch of its own."""
+    if any(re.match(r"(new file|deleted file|old|new) mode 120", h) for h in headers):
+        raise PatchbayError("symlink patches are not supported")
+    info = {h.split(" ", 2)[0] + " " + h.split(" ", 2)[1]: h.split(" ", 2)[2]
+            for h in headers if h.startswith(("rename from ", "rename to ", "new mode "))}
+    if fp is None and "rename from" in info and "rename to" in info:
+        fp = FilePatch("update", info["rename from"])
+        fp.move_to = info["rename to"]
+    elif fp is None and "new mode" in info and headers and headers[0].startswith("diff --git "):
+        fp = FilePatch("update", _diff_path(headers[0].rsplit(" b/", 1)[-1].join(["b/", ""]))
+                       or "")
+    if fp is not None and "new mode" in info:
+        fp.mode = 0o755 if info["new mode"].strip().endswith("755") else 0o644
+    return fp
+
+
 def _parse_unified(lines: List[str]) -> List[FilePatch]:
     files: List[FilePatch] = []
+    headers: List[str] = []   # the current `diff --git` section's extended header lines
+    current: Optional[FilePatch] = None
     i = 0
-    pending: List[str] = []   # git extended headers of the next file
+
+    def close_section() -> None:
+        fp = _git_headers(current, headers)
+        if fp is not None and fp is not current:
+            files.append(fp)
+
     while i < len(lines):
         line = lines[i]
         if line.startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ "):
             old, new = _diff_path(line[4:]), _diff_path(lines[i + 1][4:])
-            if any(re.match(r"(new file|deleted file|old|new) mode 120", h) for h in pending):
-                raise PatchbayError("symlink patches are not supported")
             if old is None and new is None:
                 raise PatchbayError("patch line %d: both sides are /dev/null" % (i + 1))
             kind = "add" if old is None else "delete" if new is None else "update"
-            fp = FilePatch(kind, (new if old is None else old) or "")
+            current = FilePatch(kind, (new if old is None else old) or "")
             if kind == "update" and new != old:
-                fp.move_to = new
-            files.append(fp)
-            pending = []
-            i += 2
-            while i < len(lines) and lines[i].startswith("@@"):
-                m = re.match(r"@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@", lines[i])
-                if not m:
-                    raise PatchbayError("patch line %d: bad hunk header" % (i + 1))
-                hunk = Hunk()
-                hunk.hint = int(m.group(1))
-                old_left = int(m.group(2) or 1)
-                new_left = int(m.group(4) or 1)
-                last_tag = " "
-                i += 1
-                while i < len(lines) and (old_left > 0 or new_left > 0 or
-                                          lines[i].startswith("\\")):
-                    body = lines[i]
-                    if body.startswith("\\"):
-                        if last_tag in " -":
-                            hunk.old_eof_nl = False
-                        if last_tag in " +":
-                            hunk.new_eof_nl = False
-                        i += 1
-                        continue
-                    last_tag = body[:1] or " "
-                    if last_tag not in " -+":
-                        raise PatchbayError("patch line %d: hunk is shorter than its header "
-                                            "says" % (i + 1))
-                    _hunk_line(hunk, body if body else " ")
-                    old_left -= last_tag in " -"
-                    new_left -= last_tag in " +"
-                    i += 1
-                fp.hunks.append(hunk)
-            if kind == "add":
-                fp.added = [x for h in fp.hunks for x in h.new]
-                fp.added_eof_nl = all(h.new_eof_nl for h in fp.hunks)
+                current.move_to = new
+            files.append(current)
+            i = _parse_hunks(lines, i + 2, current)
             continue
         if line.startswith("GIT binary patch") or line.startswith("Binary files "):
             raise PatchbayError("binary patches are not supported")
         if line.startswith("diff --git "):
-            pending = []
-        else:
-            pending.append(line)
+            close_section()
+            headers, current = [line], None
+        elif headers:
+            headers.append(line.rstrip("\r"))
         i += 1
+    close_section()
     return files
+
+
+def _parse_hunks(lines: List[str], i: int, fp: FilePatch) -> int:
+    """Read the @@ hunks of one file from line i; return the index after them."""
+    while i < len(lines) and lines[i].startswith("@@"):
+        m = re.match(r"@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@", lines[i])
+        if not m:
+            raise PatchbayError("patch line %d: bad hunk header" % (i + 1))
+        hunk = Hunk()
+        hunk.hint = int(m.group(1))
+        old_left = int(m.group(2) or 1)
+        new_left = int(m.group(4) or 1)
+        last_tag = " "
+        i += 1
+        while i < len(lines) and (old_left > 0 or new_left > 0 or lines[i].startswith("\\")):
+            body = lines[i]
+            if body.startswith("\\"):  # "\ No newline at end of file"
+                if last_tag in " -":
+                    hunk.old_eof_nl = False
+                if last_tag in " +":
+                    hunk.new_eof_nl = False
+                i += 1
+                continue
+            last_tag = body[:1] or " "
+            if last_tag not in " -+":
+                raise PatchbayError("patch line %d: hunk is shorter than its header says"
+                                    % (i + 1))
+            _hunk_line(hunk, body if body else " ")
+            old_left -= last_tag in " -"
+            new_left -= last_tag in " +"
+            i += 1
+        fp.hunks.append(hunk)
+    if fp.kind == "add":
+        fp.added = [x for h in fp.hunks for x in h.new]
+        fp.added_eof_nl = all(h.new_eof_nl for h in fp.hunks)
+    return i
 
 
 def apply_hunks(text: str, hunks: List[Hunk], where: str) -> str:
     """Apply hunks in order by finding their old lines (exact, then ignoring trailing and
     then surrounding whitespace); a hunk that cannot be placed fails the whole file."""
+    if "\r" not in text:  # an LF file: a patch that travelled with CRLF still applies
+        for hunk in hunks:
+            hunk.old = [x.rstrip("\r") for x in hunk.old]
+            hunk.new = [x.rstrip("\r") for x in hunk.new]
+            hunk.anchor = hunk.anchor.rstrip("\r") if hunk.anchor else hunk.anchor
     had_nl = text.endswith("\n")
     lines = text.split("\n")
     if had_nl:
@@ -1678,9 +1731,15 @@ class CommandPolicy:
 
     SHELLS = ("sh", "bash", "zsh", "dash", "ksh", "fish")
     PREFIXES = ("sudo", "doas", "env", "command", "nohup", "nice", "time", "exec", "timeout",
-                "stdbuf", "ionice", "builtin")
+                "stdbuf", "ionice", "builtin", "busybox", "watch", "chroot", "unbuffer")
+    # Shell words that may stand before a command: `{ rm -rf /; }`, `if …; then rm …`.
+    KEYWORDS = ("{", "}", "!", "if", "then", "else", "elif", "fi", "do", "done", "while",
+                "until", "case", "esac", "in")
     DOWNLOADERS = ("curl", "wget", "fetch")
     FORK_BOMB = re.compile(r"(\S+)\s*\(\)\s*\{[^}]*\1\s*\|\s*\1\s*&")
+    # A shell (or eval/source) fed by a download through $(…) or <(…), without a pipe.
+    SHELL_OF_DOWNLOAD = re.compile(r"(?:^|[\s;&|({!])(?:eval|source|\.|(?:ba|z|da|k)?sh)\b"
+                                   r"[^;&|\n]*[$<]\(\s*(?:curl|wget|fetch)\b")
 
     def __init__(self, root_paths: Tuple[str, ...] = ()) -> None:
         self.root_paths = {p.rstrip("/") for p in root_paths}
@@ -1694,12 +1753,16 @@ class CommandPolicy:
     def _check(self, command: str, depth: int) -> Optional[str]:
         if depth > 5:
             return "too-nested: the command nests shells more than 5 deep"
-        for inner in re.findall(r"`([^`]*)`", command):
+        if self.SHELL_OF_DOWNLOAD.search(command):
+            return "pipe-to-shell: a shell runs downloaded text"
+        for inner in self._substitutions(command):  # $(…), <(…), `…`, even inside quotes
             why = self._check(inner, depth + 1)
             if why:
                 return why
+        # A newline ends a command as `;` does (shlex would take it for plain space).
+        flat = command.replace("\\\n", " ").replace("\n", " ; ").replace("`", " ; ")
         try:
-            tokens = self._tokens(command.replace("`", " ; "))
+            tokens = self._tokens(flat)
         except ValueError as exc:
             return "unparseable: %s (bash would refuse it too)" % exc
         variables: Dict[str, str] = {}
@@ -1714,12 +1777,25 @@ class CommandPolicy:
                 if why:
                     return why
                 name = os.path.basename(argv[0])
-                if name in self.DOWNLOADERS or (name == "base64" and "-d" in argv[1:]):
+                if name in self.DOWNLOADERS or (name == "base64" and set(argv[1:]) & {
+                        "-d", "-D", "--decode"}):
                     producers_download = True
                 elif producers_download and (name in self.SHELLS or re.match(
                         r"(python[0-9.]*|perl|ruby|node)$", name)):
                     return "pipe-to-shell: downloaded or decoded text piped into %s" % name
         return None
+
+    @staticmethod
+    def _substitutions(command: str) -> List[str]:
+        """The text inside every $(…), <(…), >(…) and `…`, found by bracket counting."""
+        found = re.findall(r"`([^`]*)`", command)
+        for m in re.finditer(r"[$<>]\(", command):
+            depth, i = 1, m.end()
+            while i < len(command) and depth:
+                depth += {"(": 1, ")": -1}.get(command[i], 0)
+                i += 1
+            found.append(command[m.end(): i - 1 if not depth else i])
+        return found
 
     @staticmethod
     def _tokens(command: str) -> List[str]:
@@ -1762,6 +1838,9 @@ class CommandPolicy:
                 variables[m.group(1)] = m.group(2)
                 argv.pop(0)
                 continue
+            if argv[0] in self.KEYWORDS:
+                argv.pop(0)
+                continue
             name = os.path.basename(argv[0])
             if name not in self.PREFIXES:
                 break
@@ -1793,17 +1872,9 @@ class CommandPolicy:
                     rest.pop(0)
             return self._rules(rest, rest, depth) if rest else None
         if name == "find":
-            targets = [a for a in args if not a.startswith("-")][:1]
-            if "-delete" in args and any(self._dangerous_target(t) for t in targets):
-                return "find-delete-root: find -delete on %s" % targets[0]
-            for marker in ("-exec", "-execdir", "-ok"):
-                if marker in args:
-                    sub = args[args.index(marker) + 1:]
-                    sub = sub[: sub.index(";")] if ";" in sub else sub
-                    sub = [targets[0] if a == "{}" and targets else a for a in sub]
-                    why = self._rules(sub, sub, depth) if sub else None
-                    if why:
-                        return why
+            why = self._find_rule(args, depth)
+            if why:
+                return why
         if name == "rm":
             recursive = "r" in flags or "R" in flags or "--recursive" in longs
             for t in args:
@@ -1828,10 +1899,39 @@ class CommandPolicy:
                 name == "systemctl" and set(args) & {"poweroff", "reboot", "halt", "kexec"}) or (
                 name in ("init", "telinit") and set(args) & {"0", "6"}):
             return "shutdown: %s stops or restarts the machine" % name
-        if any(".git/hooks" in a.replace("\\", "/") for a in seg) and name not in ("ls", "cat"):
+        if name not in ("ls", "cat") and any(
+                ".git/hooks" in posixpath.normpath(a.replace("\\", "/")) for a in seg):
             return "git-hooks: writing into .git/hooks runs code on later git commands"
         if name == "git":
             return self._git_rule(args)
+        return None
+
+    FIND_FILTERS = ("-name", "-iname", "-path", "-ipath", "-regex", "-iregex", "-newer",
+                    "-mtime", "-mmin", "-size", "-user", "-empty", "-wholename")
+
+    def _find_rule(self, args: List[str], depth: int) -> Optional[str]:
+        """find … -delete / -exec rm: refused on /, home or the root unless filtered by name,
+        path, age or size (find . -name '*.pyc' -delete is ordinary housekeeping)."""
+        targets = []
+        for a in args:
+            if a.startswith(("-", "(", "!")):
+                break
+            targets.append(a)
+        filtered = any(a in self.FIND_FILTERS for a in args)
+        wide = [t for t in targets or ["."] if self._dangerous_target(t, root_only=filtered)]
+        if not wide:
+            return None
+        if "-delete" in args:
+            return "find-delete-root: find -delete on %s" % wide[0]
+        for marker in ("-exec", "-execdir", "-ok", "-okdir"):
+            if marker in args:
+                sub = args[args.index(marker) + 1:]
+                sub = sub[: min([sub.index(e) for e in (";", "+") if e in sub] or [len(sub)])]
+                if sub and os.path.basename(sub[0]) in ("rm", "shred", "unlink"):
+                    return "find-delete-root: find -exec %s on %s" % (sub[0], wide[0])
+                why = self._rules(sub, sub, depth) if sub else None
+                if why:
+                    return why
         return None
 
     def _git_rule(self, args: List[str]) -> Optional[str]:
@@ -1866,7 +1966,8 @@ class CommandPolicy:
         if root_only:
             return False
         if t in ("~", "~/*", "$HOME", "${HOME}", "$HOME/*", "${HOME}/*", ".", "./*", "*", "..",
-                 "../*", "/home", "/root", "/usr", "/etc", "/var", "/boot", "/bin", "/lib"):
+                 "../*", "$PWD", "${PWD}", "$PWD/*", "${PWD}/*", "/home", "/root", "/usr",
+                 "/etc", "/var", "/boot", "/bin", "/lib"):
             return True
         home = os.path.expanduser("~").rstrip("/")
         return t in self.root_paths or t == home or t.rstrip("*").rstrip("/") in self.root_paths
@@ -2613,10 +2714,9 @@ class Workspaces:
                     roots[name] = self._pin(name, path)
                 except UsageError as exc:
                     log.warning("%s", exc.message)
-            if roots:
-                self.roots = roots
-                active = data.get("active_workspace")
-                self.default = active if active in roots else next(iter(roots))
+            self.roots = roots  # empty: the registry was emptied, so nothing is served
+            active = data.get("active_workspace")
+            self.default = active if active in roots else next(iter(roots), "")
             self._generation = self.channel.generation
 
     @staticmethod
@@ -2640,7 +2740,11 @@ class Workspaces:
     def get(self, name: Optional[str]) -> Root:
         self._sync()
         roots = self.roots
-        return roots.get(name or self.default) or roots[self.default]
+        root = roots.get(name or self.default) or roots.get(self.default)
+        if root is None:
+            raise PatchbayError("no workspace is registered any more: add one with `patchbay "
+                                "workspace add --name N --path DIR`", "NOT_FOUND")
+        return root
 
 
 class WorkspaceChoice:
@@ -3073,29 +3177,35 @@ class Workbench:
             if args["dry_run"]:
                 return {"applied": False, "dry_run": True, "files": reports}
             done: List[Tuple[str, Optional[bytes], Optional[int]]] = []
+            created: List[str] = []
             try:
-                for path, original, new in plan:
+                for path, original, new, mode in plan:
                     if new is None:
                         done.append((path, original, self.guard.unlink(root, path)))
                     else:
-                        self.guard.write(root, path, new)
-                        done.append((path, original, None))
+                        before = self.guard.lstat(root, path) if original is not None else None
+                        self.guard.write(root, path, new, mode=mode, created=created)
+                        done.append((path, original, stat.S_IMODE(before.st_mode) & 0o777
+                                     if before is not None else None))
             except (PatchbayError, OSError) as exc:
-                for path, original, mode in reversed(done):  # all files or none
+                for path, original, old_mode in reversed(done):  # all files or none
                     if original is None:
                         self.guard.unlink(root, path)
                     else:
-                        self.guard.write(root, path, original, mode=mode)
+                        self.guard.write(root, path, original, mode=old_mode)
+                for directory in reversed(created):
+                    self.guard.rmdir(root, directory)
                 why = exc.message if isinstance(exc, PatchbayError) else str(exc)
                 raise PatchbayError("patch not applied, nothing changed: %s" % why,
                                     "PATCH_FAILED") from None
         return {"applied": True, "dry_run": False, "files": reports}
 
     def _plan_patch(self, root: Root, files: List[FilePatch]) -> Tuple[
-            List[Tuple[str, Optional[bytes], Optional[bytes]]], List[Dict[str, Any]]]:
+            List[Tuple[str, Optional[bytes], Optional[bytes], Optional[int]]],
+            List[Dict[str, Any]]]:
         """Check every target and compute every new content before touching anything.
-        Plan steps are (path, original bytes or None, new bytes or None to delete)."""
-        plan: List[Tuple[str, Optional[bytes], Optional[bytes]]] = []
+        Plan steps are (path, original bytes or None, new bytes or None to delete, mode)."""
+        plan: List[Tuple[str, Optional[bytes], Optional[bytes], Optional[int]]] = []
         reports: List[Dict[str, Any]] = []
         for fp in files:
             for target in (fp.path, fp.move_to):
@@ -3105,17 +3215,21 @@ class Workbench:
                 if self.guard.exists(root, fp.path):
                     raise PatchbayError("cannot add %s: it already exists" % fp.path, "CONFLICT")
                 text = "\n".join(fp.added) + ("\n" if fp.added and fp.added_eof_nl else "")
-                plan.append((fp.path, None, text.encode("utf-8")))
+                plan.append((fp.path, None, text.encode("utf-8"), fp.mode))
                 reports.append({"path": fp.path, "action": "added", "lines_added": len(fp.added)})
                 continue
+            entry = self.guard.lstat(root, fp.path)
+            if fp.kind == "delete" and entry is not None and stat.S_ISLNK(entry.st_mode):
+                raise PatchbayError("%s is a symlink; PatchBay deletes files, never what a link "
+                                    "points to" % fp.path, "NOT_A_FILE")
             data, parts = self.guard.read(root, fp.path, self.limits["read_bytes"])
             path = rel(parts)
             if fp.kind == "delete":
-                plan.append((path, data, None))
+                plan.append((path, data, None, None))
                 reports.append({"path": path, "action": "deleted"})
                 continue
             doc = TextFile(data, path)
-            new = doc.encode(apply_hunks(doc.text, fp.hunks, path))
+            new = doc.encode(apply_hunks(doc.text, fp.hunks, path)) if fp.hunks else data
             report: Dict[str, Any] = {
                 "path": path, "action": "updated", "hunks": len(fp.hunks),
                 "lines_added": sum(h.plus for h in fp.hunks),
@@ -3124,10 +3238,13 @@ class Workbench:
                 if self.guard.exists(root, fp.move_to):
                     raise PatchbayError("cannot move %s to %s: it already exists"
                                         % (path, fp.move_to), "CONFLICT")
-                plan += [(fp.move_to, None, new), (path, data, None)]
+                source = self.guard.lstat(root, path)  # the file itself, past any link
+                mode = fp.mode if fp.mode is not None else (
+                    stat.S_IMODE(source.st_mode) & 0o777 if source is not None else None)
+                plan += [(fp.move_to, None, new, mode), (path, data, None, None)]
                 report.update(action="moved", to=fp.move_to)
             else:
-                plan.append((path, data, new))
+                plan.append((path, data, new, fp.mode))
             reports.append(report)
         return plan, reports
 
@@ -3156,7 +3273,7 @@ class Workbench:
                          self.limits["output_bytes"], call.cancel)
         cap = self.limits["output_bytes"]
         for key, limit in (("stdout", cap), ("stderr", cap // 2)):
-            out[key], cut = cap_text(self.redactor(out[key]), limit)
+            out[key], cut = cap_middle(self.redactor(out[key]), limit)
             out[key + "_truncated"] = out[key + "_truncated"] or cut
         out["cwd"] = rel(parts)
         return out
@@ -4247,15 +4364,17 @@ class Tunnel:
             raise UsageError("%s was not found: %s, then try again (or pass --tunnel-bin PATH). "
                              "PatchBay never downloads it for you."
                              % (TUNNEL_PROVIDERS[mode]["bin"], TUNNEL_PROVIDERS[mode]["install"]))
-        if mode == "cloudflare-named" and not hostname:
+        if mode == "cloudflare-named" and not (hostname and (name or token_file
+                                                            or os.environ.get("TUNNEL_TOKEN"))):
             raise UsageError("a named Cloudflare tunnel needs --hostname (the public name "
-                             "routed to it) and --tunnel-name or a tunnel token")
+                             "routed to it) and --tunnel-name, or a tunnel token (profile key "
+                             "cloudflare_token_file, or TUNNEL_TOKEN)")
         self.mode, self.port, self.on_url = mode, port, on_url
         self.hostname, self.name, self.binary = hostname, name, path
-        self.env = child_env()
-        for key in ("NGROK_AUTHTOKEN", "TUNNEL_TOKEN"):  # the tunnel's own credentials only
-            if os.environ.get(key):
-                self.env[key] = os.environ[key]
+        # The tunnel's own settings and credentials (TUNNEL_* for cloudflared, NGROK_* for
+        # ngrok) reach it; PatchBay's token never does.
+        prefix = "NGROK_" if mode == "ngrok" else "TUNNEL_"
+        self.env = child_env(extra={k: v for k, v in os.environ.items() if k.startswith(prefix)})
         if token_file:
             try:
                 with open(os.path.expanduser(token_file), encoding="utf-8") as f:
@@ -4267,6 +4386,7 @@ class Tunnel:
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.restarts = 0
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
 
     def argv(self) -> List[str]:
@@ -4321,7 +4441,10 @@ class Tunnel:
             except OSError as exc:
                 log.warning("tunnel: cannot start %s: %s", self.binary, exc.strerror)
                 return
-            self.proc = proc
+            with self._lock:
+                self.proc = proc
+                if self._stop.is_set():  # stop() ran while this child was starting
+                    kill_group(proc)
             assert proc.stdout is not None
             for raw in proc.stdout:
                 line = raw.decode("utf-8", "replace").rstrip()
@@ -4346,8 +4469,9 @@ class Tunnel:
             delay = min(delay * 2, 60.0)
 
     def stop(self) -> None:
-        self._stop.set()
-        proc = self.proc
+        with self._lock:
+            self._stop.set()
+            proc = self.proc
         if proc is not None and proc.poll() is None:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -4356,6 +4480,12 @@ class Tunnel:
                 kill_group(proc)
         if self._thread is not None:
             self._thread.join(5)
+
+
+def forget_tunnel_url(channel: Channel, tunnel: Tunnel) -> None:
+    """A quick tunnel's URL dies with it: do not keep advertising (or accepting) it."""
+    if tunnel.url and not tunnel.hostname and channel.load().get("public_base_url") == tunnel.url:
+        channel.update(public_base_url="")
 
 
 def chatgpt_settings(url: str, token: Optional[str], reveal: bool) -> str:
@@ -4451,6 +4581,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if tunnel is not None:
             tunnel.stop()
+            forget_tunnel_url(app.channel, tunnel)
         server.server_close()
         app.close()
     return 0
@@ -4622,6 +4753,9 @@ def cmd_workspace(args: argparse.Namespace) -> int:
 def save_profile(home: str, name: str, settings: Dict[str, Any]) -> str:
     """Write a launch profile; secrets are dropped by an exact list of key names, so keys
     such as token_file or allow_query_token survive."""
+    if _slug(name) in BUILTIN_PROFILES:
+        raise UsageError("%s is a built-in profile; save under another name "
+                         "(--save-profile my-%s)" % (name, name))
     clean = {k: v for k, v in settings.items()
              if k.lower() not in SECRET_KEYS and v not in (None, [], "")}
     directory = private_dir(os.path.join(home, "profiles"))
@@ -4686,12 +4820,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return ("ok", "reachable") if st == 200 and json.loads(body).get("ok") else (
             "fail", "GET /health answered %d" % st)
 
+    # Through a public URL the schema must name that URL; locally it must name the
+    # channel's public URL when one is recorded (a tunnel), else the local one.
+    public = Channel(resolve_home(args)).load().get("public_base_url") or ""
+    local = is_loopback(urllib.parse.urlsplit(base).hostname or "")
+    expected = (public.rstrip("/") if local and public else base)
+
     def servers() -> Tuple[str, str]:
         st, _, body = http_request(base + "/openapi.json")
         url = json.loads(body)["servers"][0]["url"].rstrip("/")
-        return ("ok", url) if url == base else (
+        return ("ok", url) if url == expected else (
             "fail", "the schema advertises %s, not %s; set it with `patchbay channel renew "
-                    "--public-base-url %s`" % (url, base, base))
+                    "--public-base-url %s`" % (url, expected, expected))
 
     def unauthorised() -> Tuple[str, str]:
         st, hdrs, _ = http_request(base + "/mcp", "POST", {"jsonrpc": "2.0", "id": 1,
@@ -4921,6 +5061,11 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
 
     tunnel = Tunnel(args.mode, args.port, on_url, args.hostname, args.tunnel_name,
                     args.tunnel_bin)
+    try:
+        http_request("http://127.0.0.1:%d/health" % args.port, timeout=3)
+    except OSError:
+        raise UsageError("no PatchBay server answers on 127.0.0.1:%d; start `patchbay serve` "
+                         "first (or pass --port)" % args.port) from None
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     tunnel.start()
@@ -4929,6 +5074,7 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
             pass
     finally:
         tunnel.stop()
+        forget_tunnel_url(channel, tunnel)
     return 0
 
 
