@@ -1279,7 +1279,7 @@ class Git:
                    GIT_EDITOR="true", GIT_PAGER="cat", GIT_OPTIONAL_LOCKS="0", LC_ALL="C")
         self.env = env
         self.available = shutil.which("git") is not None
-        self._checked: Dict[str, Tuple[str, Any, Optional[str]]] = {}
+        self._checked: Dict[str, Tuple[str, Any, Optional[str], bytes]] = {}
         self._lock = threading.Lock()
 
     def argv(self, args: List[str]) -> List[str]:
@@ -1287,15 +1287,31 @@ class Git:
 
     def call(self, cwd: str, args: List[str], input: Optional[bytes] = None,
              timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+        # A timer kills the group on timeout; subprocess.run(timeout=) would instead poll
+        # for the exit with sleeps, about a millisecond lost on every git call.
         try:
-            return subprocess.run(self.argv(args), cwd=cwd, env=self.env, input=input,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  stdin=None if input is not None else subprocess.DEVNULL,
-                                  timeout=timeout, start_new_session=True)
-        except subprocess.TimeoutExpired:
-            raise PatchbayError("git %s timed out" % args[0], "TIMEOUT") from None
+            proc = subprocess.Popen(self.argv(args), cwd=cwd, env=self.env,
+                                    stdin=subprocess.PIPE if input is not None
+                                    else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, start_new_session=True)
         except FileNotFoundError:
             raise PatchbayError("git is not installed", "UNAVAILABLE") from None
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            kill_group(proc)
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            out, err = proc.communicate(input)
+        finally:
+            timer.cancel()
+        if expired.is_set():
+            raise PatchbayError("git %s timed out" % args[0], "TIMEOUT")
+        return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
     def run(self, cwd: str, args: List[str], input: Optional[bytes] = None,
             timeout: float = 30, ok_codes: Tuple[int, ...] = (0,)) -> bytes:
@@ -1315,8 +1331,14 @@ class Git:
         """
         with self._lock:
             cached = self._checked.get(cwd)
-        if cached is not None and cached[1] == self._sig(cached[0]):
-            return cached[2]
+        if cached is not None:
+            sig = self._sig(cached[0])
+            if cached[1] == sig:
+                return cached[2]
+            if cached[0] and sig is not None and self._content(cached[0]) == cached[3]:
+                with self._lock:  # rewritten with the same content (git branch -D does)
+                    self._checked[cwd] = (cached[0], sig, cached[2], cached[3])
+                return cached[2]
         config_path, sig = "", None
         verdict: Optional[str] = "none"
         if self.available:
@@ -1336,8 +1358,17 @@ class Git:
             except PatchbayError:
                 config_path, verdict = "", "none"
         with self._lock:
-            self._checked[cwd] = (config_path, sig, verdict)
+            self._checked[cwd] = (config_path, sig, verdict,
+                                  self._content(config_path) if config_path else b"")
         return verdict
+
+    @staticmethod
+    def _content(path: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read(1 << 20)
+        except OSError:
+            return b""
 
     @staticmethod
     def _sig(path: str) -> Optional[Tuple[int, int, int]]:
@@ -2255,21 +2286,20 @@ class CodexRunner:
                 if run.stop_requested or self.closing:
                     return
                 argv = self._argv(run)
-                run.proc = subprocess.Popen(argv, cwd=run.workdir, env=self._env(),
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE, start_new_session=True)
-                run.state, run.pgid, run.error = "running", run.proc.pid, None
+                run.proc = proc = subprocess.Popen(
+                    argv, cwd=run.workdir, env=self._env(), stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                assert proc.stdin and proc.stdout and proc.stderr
+                try:  # the prompt first: Codex starts only when its stdin ends
+                    proc.stdin.write(prompt.encode("utf-8"))
+                except OSError:
+                    pass
+                finally:
+                    proc.stdin.close()
+                run.state, run.pgid, run.error = "running", proc.pid, None
                 run.turns += 1
                 run.turn_started = time.time()
                 self._changed(run)
-            proc = run.proc
-            assert proc.stdin and proc.stdout and proc.stderr
-            try:
-                proc.stdin.write(prompt.encode("utf-8"))
-            except OSError:
-                pass
-            finally:
-                proc.stdin.close()  # EOF: Codex starts only when stdin ends
             stderr = threading.Thread(target=self._pump_stderr, args=(run, proc.stderr),
                                       daemon=True)
             stderr.start()
@@ -5131,9 +5161,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if run.state not in ACTIVE:
             print("%s is %s; nothing to cancel" % (run.name, run.state))
             return 0
-        CodexRunner._kill_stale(run.pgid)
+        pgid = run.pgid
         run.state, run.pgid, run.error = "cancelled", None, "cancelled from the terminal"
-        run.save()
+        run.save()  # first, so a serving PatchBay sees why its turn died
+        CodexRunner._kill_stale(pgid)
         print("%s cancelled" % run.name)
     return 0
 

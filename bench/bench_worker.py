@@ -368,8 +368,7 @@ class BaselineMode:
     def sample(self, name: str, prompt: str, marker: str) -> Sample:
         branch, workdir = "bench/" + name, self.trees / name
         t0 = time.perf_counter()
-        subprocess.run(["git", "worktree", "add", "-b", branch, str(workdir), "HEAD"],
-                       cwd=self.repo, capture_output=True, timeout=GIT_TIMEOUT_S, check=True)
+        run_bounded(["git", "worktree", "add", "-b", branch, str(workdir), "HEAD"], self.repo)
         t_tree = time.perf_counter()
         proc = subprocess.Popen(self.argv(workdir), cwd=workdir, env=self.env,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -395,6 +394,23 @@ class BaselineMode:
 
     def close(self) -> None:
         return None
+
+
+def run_bounded(argv: list[str], cwd: Path) -> None:
+    """Run a command to its end as a shell would: a blocking wait, no polling. (With
+    subprocess.run(timeout=...) CPython polls for the exit with growing sleeps, which
+    adds about 1 ms per call; a timer enforces the deadline instead.)"""
+    proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    timer = threading.Timer(GIT_TIMEOUT_S, proc.kill)
+    timer.start()
+    try:
+        _, err = proc.communicate()
+    finally:
+        timer.cancel()
+    if proc.returncode != 0:
+        raise BenchError("%s failed (%s): %s" % (" ".join(argv[:3]), proc.returncode,
+                                                 err.decode(errors="replace")[-300:]))
 
 
 def drain(stream: IO[bytes]) -> None:
@@ -451,9 +467,9 @@ class Mode(Protocol):
 
 
 def quiesce(settle_s: float) -> None:
-    """Between samples: flush the dirty pages the last checkout and removal left (10,000
-    files are megabytes of data and metadata; their writeback would land on the next
-    sample), then pause so the load from other work can settle."""
+    """Between samples: flush what the last checkout and removal left dirty (10,000 files
+    are megabytes of data and metadata) so its writeback does not land on the next
+    sample, then pause briefly. The disk itself still varies with other load."""
     os.sync()
     time.sleep(settle_s)
 
@@ -530,7 +546,8 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
             "own_steps_median_ms": median_or_none([own_steps_ms(s) for s in samples]),
             "parts_median_ms": {k: round(statistics.median([s.parts_ms.get(k, 0.0)
                                                             for s in samples]), 2)
-                                for k in keys}}
+                                for k in keys},
+            "parts_samples_ms": [s.parts_ms for s in samples if s.parts_ms]}
 
 
 def compare(pb: list[Sample], base: list[Sample], files: int) -> dict[str, Any]:
@@ -740,7 +757,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         session = Session(Path(tmp), codex_bin, args.profile)
         try:
             doc = run(args, Path(tmp), session, stop)
-        except (BenchError, subprocess.CalledProcessError, OSError) as exc:
+        except (BenchError, subprocess.SubprocessError, OSError) as exc:
             print("bench failed: %s" % exc, file=sys.stderr)
             return 1
         except KeyboardInterrupt:
