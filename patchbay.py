@@ -4671,9 +4671,14 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def _announce_token(data: Dict[str, Any]) -> None:
-    url = data.get("public_base_url") or "http://127.0.0.1:%d" % DEFAULT_PORT
     print("token: %s" % data["token"])
-    print(chatgpt_settings(url, data["token"], reveal=True).rstrip())
+    url = data.get("public_base_url")
+    if url:
+        print(chatgpt_settings(url, data["token"], reveal=True).rstrip())
+    else:
+        print("local MCP clients: http://127.0.0.1:%d/mcp with Authorization: Bearer <token>\n"
+              "for ChatGPT, start a tunnel: `patchbay serve --tunnel cloudflare` prints the "
+              "URLs to paste" % DEFAULT_PORT)
 
 
 def cmd_channel(args: argparse.Namespace) -> int:
@@ -4695,8 +4700,7 @@ def cmd_channel(args: argparse.Namespace) -> int:
               % (name, path, _access_text(data)))
         _announce_token(data)
         return 0
-    if not data.get("token"):
-        raise UsageError("no channel yet: run `patchbay channel register --workspace DIR`")
+    channel, data = _registered(args)
     if args.action == "status":
         summary = {"workspaces": data.get("workspaces") or {},
                    "active_workspace": data.get("active_workspace"),
@@ -4722,11 +4726,17 @@ def cmd_channel(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_token(args: argparse.Namespace) -> int:
+def _registered(args: argparse.Namespace) -> Tuple[Channel, Dict[str, Any]]:
+    """The channel and a copy of its data, or the error that says how to create one."""
     channel = Channel(resolve_home(args))
     data = dict(channel.load())
     if not data.get("token"):
         raise UsageError("no channel yet: run `patchbay channel register --workspace DIR`")
+    return channel, data
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    channel, data = _registered(args)
     if args.command == "rotate-token":
         data["token"] = new_token()
         channel.save(data)
@@ -4735,10 +4745,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_access(args: argparse.Namespace) -> int:
-    channel = Channel(resolve_home(args))
-    data = dict(channel.load())
-    if not data.get("token"):
-        raise UsageError("no channel yet: run `patchbay channel register --workspace DIR`")
+    channel, data = _registered(args)
     if args.action == "grant":
         data["access_expires_at"] = _expiry(args.ttl_minutes)
         channel.save(data)
