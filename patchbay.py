@@ -41,12 +41,14 @@ Contents (grep -n '^# §'):
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import errno
 import fnmatch
 import glob
 import hashlib
 import hmac
+import io
 import json
 import os
 import posixpath
@@ -54,15 +56,15 @@ import re
 import secrets
 import shutil
 import signal
+import selectors
 import socket
-import socketserver
 import stat
 import subprocess
 import sys
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -3943,6 +3945,16 @@ MAX_KEEPALIVE = 100_000  # requests on one connection, a bound on the loop below
 TOKEN_CHARS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
+def head_end(data: Union[bytes, bytearray]) -> int:
+    """Where a request's body starts (after the blank line), or -1 if the head is not over.
+    CRLF line ends are standard; bare LF ones are accepted too."""
+    end = data.find(b"\r\n\r\n")
+    if end >= 0:
+        return end + 4
+    end = data.find(b"\n\n")
+    return end + 2 if end >= 0 else -1
+
+
 class Headers:
     """Request headers, case-insensitive, every value of a repeated header kept."""
 
@@ -3960,73 +3972,58 @@ class Headers:
         return self._values.get(name.lower(), [])
 
 
-class Handler(socketserver.StreamRequestHandler):
-    """HTTP/1.1 with keep-alive, parsed strictly by PatchBay itself.
+class Exchange:
+    """One HTTP/1.1 request and its answer, parsed strictly by PatchBay itself.
 
-    The stdlib's BaseHTTPRequestHandler parses headers through the email package (slow to
-    import and to run) and logs raw request lines (query tokens included); this reads the
-    request line and headers with explicit limits, refuses obsolete line folding and bad
-    header names, and hands one Request to the router.
+    The Server's loop frames a complete request (head and body) before an Exchange sees it,
+    so nothing here waits on a socket: it reads the request line and headers with explicit
+    limits, refuses obsolete line folding and bad header names, routes, and writes the
+    whole answer into one buffer. (The stdlib's BaseHTTPRequestHandler parses headers
+    through the email package, slow to import and to run, and logs raw request lines,
+    query tokens included.)
     """
 
-    disable_nagle_algorithm = True  # else delayed ACKs add ~40 ms per kept-alive response
-    server: Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(self.server.app.cfg.limits["request_timeout_s"])
+    def __init__(self, server: Server, client_address: Tuple[str, int], data: bytes) -> None:
+        self.server = server
+        self.client_address = client_address
+        self.rfile = io.BytesIO(data)
+        self.wfile = io.BytesIO()
         self.command, self.path, self.headers = "", "", Headers()
         self.close_connection = False
+        self._unread = False
+        self._t0 = time.monotonic()
 
-    def handle(self) -> None:
-        try:
-            for _ in range(MAX_KEEPALIVE):
-                try:
-                    if not self._read_head():
-                        return
-                except (TimeoutError, OSError):
-                    return
-                self._route(self.command)
-                self.server.reading(self.connection, False)
-                if self.close_connection:
-                    return
-        finally:
-            self.server.reading(self.connection, False)
+    def run(self) -> Tuple[bytes, bool]:
+        """The answer's bytes, and whether the connection must close after it."""
+        if self._read_head():
+            self._route(self.command)
+        return self.wfile.getvalue(), self.close_connection
 
     def _read_head(self) -> bool:
-        """Read a request line and headers; False when the connection should end."""
-        reader: Any = self.rfile  # a BufferedReader: peek waits without consuming
-        first = reader.peek(1)[:1]  # wait (idle keep-alive) for a request to begin
-        if not first:
-            return False
-        self.server.reading(self.connection, True)
-        line = self.rfile.readline(MAX_LINE + 1)
-        if line in (b"\r\n", b"\n"):  # one empty line between requests is tolerated
-            line = self.rfile.readline(MAX_LINE + 1)
-        if not line:
-            return False
-        self._t0 = time.monotonic()
-        self.command, self.path, self.headers = "", "", Headers()
-        if len(line) > MAX_LINE:
+        """Parse the request line and headers; False when the answer is already written."""
+        data = self.rfile.getvalue()
+        skip = 2 if data[:2] == b"\r\n" else 0  # one empty line between requests is fine
+        cut = head_end(data[skip:])
+        head = data[skip: skip + cut] if cut >= 0 else data[skip:]
+        self.rfile.seek(skip + cut if cut >= 0 else len(data))
+        lines = head.replace(b"\r\n", b"\n").rstrip(b"\n").split(b"\n")
+        if len(lines[0]) > MAX_LINE:
             return self._refuse(414, "request line too long")
-        parts = line.decode("latin-1").rstrip("\r\n").split(" ")
+        parts = lines[0].decode("latin-1").split(" ")
         if len(parts) != 3 or parts[2] not in ("HTTP/1.1", "HTTP/1.0") or not parts[1]:
             return self._refuse(400, "bad request line")
         self.command, self.path, version = parts
-        for _ in range(MAX_HEADERS):
-            raw = self.rfile.readline(MAX_LINE + 1)
-            if raw in (b"\r\n", b"\n"):
-                break
-            if not raw or len(raw) > MAX_LINE:
-                return self._refuse(431 if raw else 400, "bad or oversized header")
+        if len(lines) > MAX_HEADERS + 1:
+            return self._refuse(431, "too many headers")
+        for raw in lines[1:]:
+            if len(raw) > MAX_LINE:
+                return self._refuse(431, "bad or oversized header")
             if raw[:1] in (b" ", b"\t"):
                 return self._refuse(400, "obsolete header line folding")
             name, sep, value = raw.decode("latin-1").partition(":")
             if not sep or not TOKEN_CHARS.fullmatch(name):
                 return self._refuse(400, "bad header name")
-            self.headers.add(name, value.strip(" \t\r\n"))
-        else:
-            return self._refuse(431, "too many headers")
+            self.headers.add(name, value.strip(" \t"))
         connection = (self.headers.get("Connection") or "").lower()
         if version == "HTTP/1.0":
             self.close_connection = "keep-alive" not in connection
@@ -4051,8 +4048,6 @@ class Handler(socketserver.StreamRequestHandler):
             self._dispatch(method)
         except HttpError as exc:
             self._send_json(exc.status, exc.body, exc.headers, close=exc.close)
-        except (TimeoutError, BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
         except Exception:  # a bug: answer with an id, log the details, keep serving
             import traceback  # only on a bug
             err_id = secrets.token_hex(4)
@@ -4147,20 +4142,12 @@ class Handler(socketserver.StreamRequestHandler):
                 raise HttpError(415, {"error": "unsupported_media_type",
                                       "message": "Content-Type must be application/json"},
                                 close=True)
-        deadline = time.monotonic() + self.server.app.cfg.limits["request_timeout_s"]
-        chunks, got = [], 0
         self._unread = False  # from here on the body is consumed or the connection closed
-        while got < size:
-            if time.monotonic() > deadline:
-                raise HttpError(408, {"error": "timeout", "message": "body too slow"}, close=True)
-            chunk = self.rfile.read(min(65536, size - got))
-            if not chunk:
-                raise HttpError(400, {"error": "bad_request", "message": "body ended early"},
-                                close=True)
-            chunks.append(chunk)
-            got += len(chunk)
-        self.server.reading(self.connection, False)  # the request is in; a tool may run long
-        return b"".join(chunks)
+        body = self.rfile.read(size)
+        if len(body) < size:  # the loop frames whole requests; this is a safety net
+            raise HttpError(400, {"error": "bad_request", "message": "body ended early"},
+                            close=True)
+        return body
 
     def _mcp_post(self, cred: str) -> None:
         app = self.server.app
@@ -4270,79 +4257,283 @@ class Handler(socketserver.StreamRequestHandler):
                      self._log_path(), status, size, (time.monotonic() - self._t0) * 1000)
 
 
-class Server(socketserver.ThreadingTCPServer):
-    """Threads per connection, capped: over the cap a connection gets 503 at once."""
+class Connection:
+    """One client socket, owned by the Server's loop thread."""
 
-    daemon_threads = True
-    allow_reuse_address = True
-    block_on_close = False
+    def __init__(self, sock: socket.socket, addr: Tuple[str, int], now: float) -> None:
+        self.sock, self.addr = sock, addr
+        self.inbuf = bytearray()
+        self.out = bytearray()
+        self.busy = False          # a request of this connection runs on a worker thread
+        self.closing = False       # close once `out` is sent
+        self.deadline = now        # set by the loop: idle, reading or writing limit
+        self.writing = False       # registered for EVENT_WRITE too
+
+
+class Server:
+    """One thread owns every connection and answers fast requests inline (reads, protocol
+    messages: no thread hand-offs, no lock convoys); anything that may take long (commands,
+    Codex, search, git-heavy tools, batches) runs on a worker thread of its own.
+
+    The loop frames requests strictly before an Exchange sees them: a head over the limit,
+    a bad or missing length, chunked bodies and bodies over the cap are answered without
+    reading on; every request must arrive whole within request_timeout_s of its first
+    byte (a client dripping bytes gains nothing), idle kept-alive connections end after the
+    same time, and over max_connections a new connection gets 503 at once.
+    """
+
+    INLINE_TOOLS = ("read_file", "fetch")
+    INLINE_CALL = re.compile(rb'"name"\s*:\s*"(?:read_file|fetch)"')
+    MAX_HEAD = MAX_LINE * 4
 
     def __init__(self, addr: Tuple[str, int], app: App) -> None:
         self.app = app
         self.mcp = McpEndpoint(app.dispatcher, "mcp")
-        self.slots = threading.BoundedSemaphore(app.cfg.limits["max_connections"])
-        # Socket timeouts bound each read, not a whole request: a client dripping a byte
-        # at a time would never time out. The reaper ends any request still being read
-        # after request_timeout_s.
-        self._reading: Dict[Any, float] = {}
-        self._reading_lock = threading.Lock()
-        self._closed = threading.Event()
-        threading.Thread(target=self._reap, daemon=True, name="patchbay-reaper").start()
-        if ":" in addr[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(addr, Handler)
+        self.limits = app.cfg.limits
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind(addr)
+            self.socket.listen(128)
+        except OSError:
+            self.socket.close()
+            raise
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()[:2]
         app.access.port = self.server_address[1]
         host = addr[0] if ":" not in addr[0] else "[%s]" % addr[0]
         app.local_url = "http://%s:%d/" % (host, app.access.port)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.socket, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self.conns: Dict[socket.socket, Connection] = {}
+        self._done: collections.deque[Tuple[Connection, bytes, bool]] = collections.deque()
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._swept = 0.0
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                                b"Retry-After: 1\r\nConnection: close\r\n\r\n")
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
+    # -- the loop ----------------------------------------------------------------------
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._stopped.clear()
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
+            while not self._stop.is_set():
+                for key, mask in self.selector.select(timeout=min(poll_interval, 0.2)):
+                    if key.fileobj is self.socket:
+                        self._accept()
+                    elif key.fileobj is self._wake_r:
+                        self._drain_wake()
+                    else:
+                        self._ready(key.data, mask)
+                self._finish_workers()
+                self._expire()
         finally:
-            self.slots.release()
+            self._stopped.set()
 
-    def reading(self, conn: Any, active: bool) -> None:
-        with self._reading_lock:
-            if active:
-                self._reading[conn] = time.monotonic() + self.app.cfg.limits["request_timeout_s"]
-            else:
-                self._reading.pop(conn, None)
-
-    def _reap(self) -> None:
-        while not self._closed.wait(0.2):
-            now = time.monotonic()
-            with self._reading_lock:
-                late = [c for c, deadline in self._reading.items() if now > deadline]
-                for conn in late:
-                    del self._reading[conn]
-            for conn in late:
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)  # the blocked read returns at once
-                except OSError:
-                    pass
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake()
+        self._stopped.wait(10)
 
     def server_close(self) -> None:
-        self._closed.set()
-        super().server_close()
+        for conn in list(self.conns.values()):
+            self._close(conn)
+        for sock in (self.socket, self._wake_r, self._wake_w):
+            try:
+                self.selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+        self.selector.close()
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.warning("connection error from %s: %s", client_address[0],
-                    self.app.redactor(repr(sys.exc_info()[1]))[:300])
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # the buffer is full: the loop is awake anyway
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _accept(self) -> None:
+        for _ in range(64):  # a bounded burst; the rest wait for the next round
+            try:
+                sock, addr = self.socket.accept()
+            except OSError:
+                return
+            if len(self.conns) >= self.limits["max_connections"]:
+                try:
+                    sock.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                              b"Retry-After: 1\r\nConnection: close\r\n\r\n")
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms stalls
+            conn = Connection(sock, addr, time.monotonic() + self.limits["request_timeout_s"])
+            self.conns[sock] = conn
+            self.selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _ready(self, conn: Connection, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush(conn)
+        if mask & selectors.EVENT_READ and conn.sock in self.conns:
+            try:
+                data = conn.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close(conn)
+                return
+            if not conn.inbuf and not conn.busy and not conn.out:  # a new request begins
+                conn.deadline = time.monotonic() + self.limits["request_timeout_s"]
+            conn.inbuf += data
+            self._next(conn)
+
+    # -- framing -----------------------------------------------------------------------
+    def _next(self, conn: Connection) -> None:
+        """Start the next complete request in the buffer, if any and if none runs."""
+        if conn.busy or conn.out or conn.closing or not conn.inbuf:
+            return
+        if conn.inbuf[:2] == b"\r\n":
+            del conn.inbuf[:2]
+        cut = head_end(conn.inbuf)
+        if cut < 0:
+            if len(conn.inbuf) > self.MAX_HEAD:  # no end of head in sight: answer now
+                self._start(conn, bytes(conn.inbuf[: self.MAX_HEAD]), close=True)
+            return
+        size, fits = self._body_size(bytes(conn.inbuf[:cut]))
+        if not fits:  # the Exchange answers 400/411/413 from the head alone, then we close
+            self._start(conn, bytes(conn.inbuf[:cut]), close=True)
+            return
+        if len(conn.inbuf) < cut + size:
+            return  # the body is still on its way (within the request deadline)
+        request = bytes(conn.inbuf[: cut + size])
+        del conn.inbuf[: cut + size]
+        self._start(conn, request, close=False)
+
+    def _body_size(self, head: bytes) -> Tuple[int, bool]:
+        """The body length the head announces, and whether it may be read at all."""
+        lengths = re.findall(rb"(?im)^content-length[ \t]*:[ \t]*([^\r\n]*)", head)
+        if re.search(rb"(?im)^transfer-encoding[ \t]*:", head) or len(lengths) > 1:
+            return 0, False
+        if not lengths:
+            return 0, True
+        value = lengths[0].strip()
+        if not value.isdigit():
+            return 0, False
+        size = int(value)
+        return size, size <= self.limits["body_bytes"]
+
+    def _start(self, conn: Connection, request: bytes, close: bool) -> None:
+        if close:
+            conn.inbuf.clear()
+        if self._inline(request):
+            answer, must_close = Exchange(self, conn.addr, request).run()
+            self._reply(conn, answer, must_close or close)
+            return
+        conn.busy = True  # no deadline while a tool works; the next request waits
+
+        def work() -> None:
+            answer, must_close = Exchange(self, conn.addr, request).run()
+            self._done.append((conn, answer, must_close or close))
+            self._wake()
+
+        threading.Thread(target=work, daemon=True, name="patchbay-request").start()
+
+    def _inline(self, request: bytes) -> bool:
+        """Whether a request is quick enough to answer on the loop thread itself."""
+        line = request[: request.find(b"\n")]
+        if not line.startswith(b"POST "):
+            return True  # GET, DELETE and refusals touch no tool
+        target = line.split(b" ")[1] if line.count(b" ") >= 2 else b""
+        if target.startswith(b"/actions/"):
+            return target[9:].split(b"?")[0].decode("latin-1") in self.INLINE_TOOLS
+        cut = head_end(request)
+        body = request[cut:] if cut >= 0 else b""
+        if body.lstrip()[:1] == b"[":
+            return False  # a batch may hold anything
+        if b'"tools/call"' not in body:
+            return True  # protocol messages (initialize, ping, tools/list, notifications)
+        # Decided on the raw bytes, without a second parse: exactly one "name" key, no
+        # \u escapes that could spell another one, and it names a quick tool. Anything
+        # else simply goes to a worker thread.
+        return (b"\\u" not in body and body.count(b'"name"') == 1
+                and self.INLINE_CALL.search(body) is not None)
+
+    def _finish_workers(self) -> None:
+        while self._done:
+            conn, answer, close = self._done.popleft()
+            conn.busy = False
+            if conn.sock in self.conns:
+                self._reply(conn, answer, close)
+
+    # -- writing and closing -----------------------------------------------------------
+    def _reply(self, conn: Connection, answer: bytes, close: bool) -> None:
+        conn.closing = conn.closing or close
+        conn.deadline = time.monotonic() + self.limits["request_timeout_s"]
+        if not conn.out:  # the usual case: the whole answer leaves in one send, uncopied
+            try:
+                sent = conn.sock.send(answer)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return
+            answer = answer[sent:]
+        conn.out += answer
+        self._flush(conn)
+
+    def _flush(self, conn: Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.out) if conn.out else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        del conn.out[:sent]
+        if conn.out:
+            if not conn.writing:  # the rest goes when the client reads
+                self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                     conn)
+                conn.writing = True
+            return
+        if conn.closing:
+            self._close(conn)
+            return
+        if conn.writing:
+            self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            conn.writing = False
+        conn.deadline = time.monotonic() + self.limits["request_timeout_s"]
+        self._next(conn)  # a pipelined request may already be waiting
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        if now - self._swept < 0.1:
+            return
+        self._swept = now
+        for conn in [c for c in self.conns.values() if not c.busy and now > c.deadline]:
+            self._close(conn)  # idle, dripping or not reading its answer: dropped
+
+    def _close(self, conn: Connection) -> None:
+        self.conns.pop(conn.sock, None)
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
 
 
 def is_loopback(host: str) -> bool:
