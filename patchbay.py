@@ -4328,7 +4328,12 @@ class Server:
                     elif key.fileobj is self._wake_r:
                         self._drain_wake()
                     else:
-                        self._ready(key.data, mask)
+                        try:
+                            self._ready(key.data, mask)
+                        except Exception as exc:  # a bug must cost one connection, not all
+                            log.error("connection from %s dropped: %s", key.data.addr[0],
+                                      self.app.redactor(repr(exc))[:300])
+                            self._close(key.data)
                 self._finish_workers()
                 self._expire()
         finally:
@@ -4399,6 +4404,9 @@ class Server:
             if not conn.inbuf and not conn.busy and not conn.out:  # a new request begins
                 conn.deadline = time.monotonic() + self.limits["request_timeout_s"]
             conn.inbuf += data
+            if len(conn.inbuf) > self.MAX_HEAD + self.limits["body_bytes"]:
+                self._close(conn)  # more than one whole request can hold: not a client
+                return
             self._next(conn)
 
     # -- framing -----------------------------------------------------------------------
@@ -4446,7 +4454,13 @@ class Server:
         conn.busy = True  # no deadline while a tool works; the next request waits
 
         def work() -> None:
-            answer, must_close = Exchange(self, conn.addr, request).run()
+            try:
+                answer, must_close = Exchange(self, conn.addr, request).run()
+            except Exception as exc:  # Exchange answers its own errors; this is a last resort
+                log.error("request from %s failed: %s", conn.addr[0],
+                          self.app.redactor(repr(exc))[:300])
+                answer, must_close = (b"HTTP/1.1 500 Internal Server Error\r\n"
+                                      b"Content-Length: 0\r\nConnection: close\r\n\r\n"), True
             self._done.append((conn, answer, must_close or close))
             self._wake()
 
