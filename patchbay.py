@@ -3987,17 +3987,17 @@ class Exchange:
         self.server = server
         self.client_address = client_address
         self.rfile = io.BytesIO(data)
-        self.wfile = io.BytesIO()
+        self.answer: List[bytes] = []  # head and body, sent together without a copy
         self.command, self.path, self.headers = "", "", Headers()
         self.close_connection = False
         self._unread = False
         self._t0 = time.monotonic()
 
-    def run(self) -> Tuple[bytes, bool]:
+    def run(self) -> Tuple[List[bytes], bool]:
         """The answer's bytes, and whether the connection must close after it."""
         if self._read_head():
             self._route(self.command)
-        return self.wfile.getvalue(), self.close_connection
+        return self.answer, self.close_connection
 
     def _read_head(self) -> bool:
         """Parse the request line and headers; False when the answer is already written."""
@@ -4244,7 +4244,7 @@ class Exchange:
             lines.append("Connection: close")
             self.close_connection = True
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head + (b"" if self.command == "HEAD" else body))
+        self.answer = [head] if self.command == "HEAD" or not body else [head, body]
         self._log_access(status, len(body))
 
     def _log_path(self) -> str:
@@ -4311,7 +4311,8 @@ class Server:
         self._wake_w.setblocking(False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
         self.conns: Dict[socket.socket, Connection] = {}
-        self._done: collections.deque[Tuple[Connection, bytes, bool]] = collections.deque()
+        self._done: collections.deque[Tuple[Connection, List[bytes], bool]] = \
+            collections.deque()
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
@@ -4459,8 +4460,8 @@ class Server:
             except Exception as exc:  # Exchange answers its own errors; this is a last resort
                 log.error("request from %s failed: %s", conn.addr[0],
                           self.app.redactor(repr(exc))[:300])
-                answer, must_close = (b"HTTP/1.1 500 Internal Server Error\r\n"
-                                      b"Content-Length: 0\r\nConnection: close\r\n\r\n"), True
+                answer, must_close = [b"HTTP/1.1 500 Internal Server Error\r\n"
+                                      b"Content-Length: 0\r\nConnection: close\r\n\r\n"], True
             self._done.append((conn, answer, must_close or close))
             self._wake()
 
@@ -4494,19 +4495,20 @@ class Server:
                 self._reply(conn, answer, close)
 
     # -- writing and closing -----------------------------------------------------------
-    def _reply(self, conn: Connection, answer: bytes, close: bool) -> None:
+    def _reply(self, conn: Connection, answer: List[bytes], close: bool) -> None:
         conn.closing = conn.closing or close
         conn.deadline = time.monotonic() + self.limits["request_timeout_s"]
-        if not conn.out:  # the usual case: the whole answer leaves in one send, uncopied
+        sent = 0
+        if not conn.out:  # the usual case: head and body leave in one call, uncopied
             try:
-                sent = conn.sock.send(answer)
+                sent = conn.sock.sendmsg(answer)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
                 self._close(conn)
                 return
-            answer = answer[sent:]
-        conn.out += answer
+        if sent < sum(len(part) for part in answer):
+            conn.out += b"".join(answer)[sent:]
         self._flush(conn)
 
     def _flush(self, conn: Connection) -> None:
