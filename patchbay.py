@@ -4061,8 +4061,8 @@ class Exchange:
 
     def _dispatch(self, method: str) -> None:
         app = self.server.app
-        url = urllib.parse.urlsplit(self.path)
-        path = url.path
+        # An origin-form target: path, then an optional query (absolute forms are 404s).
+        path, _, query = self.path.partition("#")[0].partition("?")
         view = app.access.view()  # config.json is looked at once per request
         if not app.access.host_ok(self.headers.get("Host"), view):
             raise HttpError(421, {"error": "misdirected", "message": "Host header not allowed; "
@@ -4090,7 +4090,7 @@ class Exchange:
         if path.startswith("/.well-known/"):
             raise HttpError(404, {"error": "not_found", "message": "no OAuth here; use the "
                                   "bearer token"})
-        cred = self._credential(url.query, view)
+        cred = self._credential(query, view)
         if cred is None:
             raise UNAUTHORIZED
         if app.access.expired(view):
