@@ -3941,7 +3941,6 @@ HTTP_REASONS = {
     505: "HTTP Version Not Supported"}
 MAX_LINE = 16384        # request line or one header line
 MAX_HEADERS = 100
-MAX_KEEPALIVE = 100_000  # requests on one connection, a bound on the loop below
 TOKEN_CHARS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
@@ -4658,12 +4657,6 @@ class Tunnel:
         self._thread = threading.Thread(target=self._supervise, daemon=True,
                                         name="patchbay-tunnel")
         self._thread.start()
-
-    def wait_url(self, timeout: float) -> Optional[str]:
-        deadline = time.monotonic() + timeout
-        while self.url is None and time.monotonic() < deadline and not self._stop.is_set():
-            time.sleep(0.05)
-        return self.url
 
     def _supervise(self) -> None:
         delay = 1.0
