@@ -4411,25 +4411,25 @@ class Server:
 
     # -- framing -----------------------------------------------------------------------
     def _next(self, conn: Connection) -> None:
-        """Start the next complete request in the buffer, if any and if none runs."""
-        if conn.busy or conn.out or conn.closing or not conn.inbuf:
-            return
-        if conn.inbuf[:2] == b"\r\n":
-            del conn.inbuf[:2]
-        cut = head_end(conn.inbuf)
-        if cut < 0:
-            if len(conn.inbuf) > self.MAX_HEAD:  # no end of head in sight: answer now
-                self._start(conn, bytes(conn.inbuf[: self.MAX_HEAD]), close=True)
-            return
-        size, fits = self._body_size(bytes(conn.inbuf[:cut]))
-        if not fits:  # the Exchange answers 400/411/413 from the head alone, then we close
-            self._start(conn, bytes(conn.inbuf[:cut]), close=True)
-            return
-        if len(conn.inbuf) < cut + size:
-            return  # the body is still on its way (within the request deadline)
-        request = bytes(conn.inbuf[: cut + size])
-        del conn.inbuf[: cut + size]
-        self._start(conn, request, close=False)
+        """Start the complete requests in the buffer, one at a time, in order: a loop, not
+        recursion, so a client pipelining thousands of requests costs no stack."""
+        while not (conn.busy or conn.out or conn.closing or not conn.inbuf):
+            if conn.inbuf[:2] == b"\r\n":
+                del conn.inbuf[:2]
+            cut = head_end(conn.inbuf)
+            if cut < 0:
+                if len(conn.inbuf) > self.MAX_HEAD:  # no end of head in sight: answer now
+                    self._start(conn, bytes(conn.inbuf[: self.MAX_HEAD]), close=True)
+                return
+            size, fits = self._body_size(bytes(conn.inbuf[:cut]))
+            if not fits:  # the Exchange answers 400/411/413 from the head, then we close
+                self._start(conn, bytes(conn.inbuf[:cut]), close=True)
+                return
+            if len(conn.inbuf) < cut + size:
+                return  # the body is still on its way (within the request deadline)
+            request = bytes(conn.inbuf[: cut + size])
+            del conn.inbuf[: cut + size]
+            self._start(conn, request, close=False)
 
     def _body_size(self, head: bytes) -> Tuple[int, bool]:
         """The body length the head announces, and whether it may be read at all."""
@@ -4492,6 +4492,8 @@ class Server:
             conn.busy = False
             if conn.sock in self.conns:
                 self._reply(conn, answer, close)
+                if conn.sock in self.conns:
+                    self._next(conn)  # requests that arrived meanwhile
 
     # -- writing and closing -----------------------------------------------------------
     def _reply(self, conn: Connection, answer: List[bytes], close: bool) -> None:
@@ -4508,9 +4510,9 @@ class Server:
                 return
         if sent < sum(len(part) for part in answer):
             conn.out += b"".join(answer)[sent:]
-        self._flush(conn)
+        self._flush(conn, resume=False)  # _next, which called us, goes on by itself
 
-    def _flush(self, conn: Connection) -> None:
+    def _flush(self, conn: Connection, resume: bool = True) -> None:
         try:
             sent = conn.sock.send(conn.out) if conn.out else 0
         except (BlockingIOError, InterruptedError):
@@ -4532,7 +4534,8 @@ class Server:
             self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
             conn.writing = False
         conn.deadline = time.monotonic() + self.limits["request_timeout_s"]
-        self._next(conn)  # a pipelined request may already be waiting
+        if resume:
+            self._next(conn)  # a pipelined request may already be waiting
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -954,3 +954,41 @@ def test_real_process_exits_0_on_sigterm(serve_process):
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     assert "Traceback" not in proc.stderr_path.read_text(errors="replace")
+
+
+def test_pipelined_requests_are_answered_in_order_and_a_flood_costs_no_stack(server):
+    """Many requests in one write: answered in order (inline and worker alike), and a
+    pipelined flood neither crashes the loop nor stops the server from answering."""
+    import socket as _socket
+
+    port = server.port
+    with _socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        ping = "GET /health HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port
+        body = '{"path": "."}'
+        listing = ("POST /actions/list_files HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                   "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                   % (port, len(body), body))
+        sock.sendall((ping + listing + ping).encode())
+        data = b""
+        deadline = time.monotonic() + 10
+        while data.count(b"HTTP/1.1 200 OK") < 3 and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        answers = data.split(b"HTTP/1.1 200 OK")[1:]
+        assert len(answers) == 3
+        assert b'"ok":true' in answers[0] and b'"entries"' in answers[1]
+        assert b'"ok":true' in answers[2]
+    with _socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(("GET /health HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port).encode()
+                     * 5000)
+        got = 0
+        deadline = time.monotonic() + 20
+        while got < 5000 and time.monotonic() < deadline:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            got += chunk.count(b"HTTP/1.1 200 OK")
+        assert got == 5000
+    health(server.url)
