@@ -322,6 +322,11 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
         raise
 
 
+def looks_binary(data: bytes) -> bool:
+    """A NUL in the first 8 KiB: the test git and grep use too."""
+    return b"\0" in data[:8192]
+
+
 def count_lines(text: str) -> int:
     """Lines as editors count them: separated by "\\n", a last line without one counts."""
     return text.count("\n") + (1 if text and not text.endswith("\n") else 0)
@@ -1435,7 +1440,7 @@ class TextFile:
     so edits can work on plain LF text and write the original conventions back."""
 
     def __init__(self, data: bytes, where: str) -> None:
-        if b"\0" in data[:8192]:
+        if looks_binary(data):
             raise PatchbayError("%s is a binary file; it cannot be edited as text" % where,
                                 "BINARY_FILE")
         try:
@@ -2862,7 +2867,7 @@ class Workbench:
 
     # -- helpers -------------------------------------------------------------------------
     def _text(self, data: bytes, parts: List[str]) -> str:
-        if b"\0" in data[:8192]:
+        if looks_binary(data):
             raise PatchbayError("%s is a binary file" % rel(parts), "BINARY_FILE")
         return data.decode("utf-8", "replace")
 
@@ -3131,9 +3136,13 @@ class Workbench:
             data, parts = self.guard.read(root, rel(parts), 8 * 1024 * 1024)
         except PatchbayError:
             return
-        if b"\0" in data[:8192]:
+        if looks_binary(data):
             return
-        for n, text in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        # Lines end at "\n", as for rg, git grep and read_file, so line numbers agree.
+        lines = data.decode("utf-8", "replace").split("\n")
+        if lines[-1] == "":
+            lines.pop()  # the newline ending the last line starts no line of its own
+        for n, text in enumerate(lines, 1):
             if pattern.search(text):
                 yield rel(parts), n, text
 
@@ -4247,7 +4256,7 @@ class Exchange:
         self._log_access(status, len(body))
 
     def _log_path(self) -> str:
-        path = urllib.parse.urlsplit(self.path or "").path[:200]
+        path = self.path.partition("#")[0].partition("?")[0][:200]  # as _dispatch routes
         return self.server.app.redactor(path)  # a token pasted into the path stays out
 
     def _log_access(self, status: int, size: int) -> None:
