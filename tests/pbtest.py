@@ -35,6 +35,19 @@ def git(cwd: Path, *args: str) -> str:
     return out.stdout
 
 
+def write_channel(home: Path, data: Dict[str, Any]) -> None:
+    """Replace HOME/config.json the way PatchBay does: a 0600 temp file, fsync, rename,
+    so a running server never reads it half-written."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = home / (".config.json.test-%d.tmp" % time.monotonic_ns())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, home / "config.json")
+
+
 def make_repo(path: Path) -> Path:
     """A small real repository: code, docs, an ignored build dir and secret files."""
     path.mkdir(parents=True, exist_ok=True)

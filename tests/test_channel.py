@@ -25,7 +25,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import patchbay
 import pytest
-from pbtest import SCRIPT, Mcp, ServeProcess, action, make_repo, post_json, request
+from pbtest import (SCRIPT, Mcp, ServeProcess, action, make_repo, post_json, request,
+                    write_channel)
 
 PY = sys.executable
 TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # 32 random bytes, URL-safe base64
@@ -76,15 +77,6 @@ def config(home: Path) -> Dict[str, Any]:
     return data
 
 
-def write_config(home: Path, data: Dict[str, Any]) -> None:
-    """Replace config.json the way PatchBay does: 0600 temp file, fsync, rename."""
-    tmp = home / (".config.json.test-%d.tmp" % time.monotonic_ns())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(data, indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, home / "config.json")
 
 
 def register(home: Path, workspace: Path, *extra: str) -> str:
@@ -320,7 +312,7 @@ def test_access_ttl_passes_while_server_runs(repo: Path, home: Path,
     for margin in (1.5, 6.0):  # a second try only if this machine was too slow
         expires_at = time.time() + margin
         stamp = datetime.datetime.fromtimestamp(expires_at, datetime.timezone.utc)
-        write_config(home, dict(config(home), access_expires_at=stamp.isoformat(
+        write_channel(home, dict(config(home), access_expires_at=stamp.isoformat(
             timespec="milliseconds").replace("+00:00", "Z")))
         st, body = workspace_of(srv.url, token)
         if time.time() < expires_at:  # the call was answered before the expiry

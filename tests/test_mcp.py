@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pytest
-from pbtest import JSON_HEADERS, SCRIPT, Mcp, post_json, request
+from pbtest import JSON_HEADERS, SCRIPT, Mcp, post_json, request, write_channel
 
 SUPPORTED = ("2025-03-26", "2025-06-18", "2025-11-25")
 LATEST = "2025-11-25"
@@ -67,14 +67,6 @@ def tools_list(base: str, token: Optional[str] = None) -> List[Dict[str, Any]]:
     return body["result"]["tools"]
 
 
-def write_channel(home: Path, data: Dict[str, Any]) -> None:
-    """Write HOME/config.json the way PatchBay does: 0600, atomically (temp + rename)."""
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = home / (".config.json.%s.tmp" % secrets.token_hex(4))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, home / "config.json")
 
 
 # -- initialize and version negotiation ---------------------------------------------------

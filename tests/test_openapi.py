@@ -4,13 +4,12 @@ protocols.md §3.6, T21)."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
-from pbtest import Mcp, action, git, request
+from pbtest import Mcp, action, git, request, write_channel
 
 openapi_spec_validator = pytest.importorskip("openapi_spec_validator")
 
@@ -37,13 +36,6 @@ def mcp_tools(base: str, token: str | None = None) -> Dict[str, Dict[str, Any]]:
     return {t["name"]: t for t in client.rpc("tools/list")["result"]["tools"]}
 
 
-def write_channel(home: Path, data: Dict[str, Any]) -> None:
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = home / (".config.json.%s.tmp" % secrets.token_hex(4))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, home / "config.json")
 
 
 @pytest.mark.parametrize("profile", PROFILES)
