@@ -51,7 +51,8 @@ for _path in (MAIN / "tests", MAIN):
 import patchbay  # noqa: E402
 from bench_core import BenchError, McpClient, git_head, rpc, write_json  # noqa: E402
 from fake_model import (FAKE_API_KEY, MODEL_SLUG, FakeModel, Step,  # noqa: E402
-                        find_codex_bin, input_texts, write_codex_home)
+                        find_codex_bin, input_texts, write_codex_home,
+                        CODEX_HOME_BASE)
 from pbtest import InProcessServer, make_app  # noqa: E402
 
 POST_DEADLINE_S = 60.0     # Codex must reach the fake model by then
@@ -752,7 +753,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     stop = Stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    with tempfile.TemporaryDirectory(prefix="patchbay-bench-worker-",
+    # Outside /tmp: Codex keeps no sandbox helper links in a CODEX_HOME there.
+    with tempfile.TemporaryDirectory(prefix="patchbay-bench-worker-", dir=CODEX_HOME_BASE,
                                      ignore_cleanup_errors=True) as tmp:
         session = Session(Path(tmp), codex_bin, args.profile)
         try:

@@ -2,13 +2,13 @@
 
 The fake listens on 127.0.0.1 only and answers every ``POST /v1/responses``
 with a Server-Sent-Events stream taken from a script of steps, one step per
-request.  See /work/shared/reference/codex.md for the formats Codex 0.169.0
-expects; only the minimum it needs is sent here.
+request, in the formats Codex 0.169.0 expects; only the minimum it needs is
+sent here.
 
 Typical use from pytest::
 
-    with FakeModel([shell("echo hi > out.txt"), message("done")]) as fake:
-        env = write_codex_home(codex_home, fake.url)
+    with FakeModel([shell("echo hi > out.txt"), message("done")]) as fake, \
+            codex_home(fake.url) as env:
         run = run_codex(codex_bin, exec_args(repo), "do it", env)
 """
 
@@ -21,13 +21,14 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Iterator, Self
 
 # The model slug must be one the binary knows: unknown slugs add a warning
 # item to every run and change the advertised tool set (codex.md, section 1).
@@ -517,6 +518,20 @@ def write_codex_home(
         "LANG": "C.UTF-8",
         "NO_COLOR": "1",
     }
+
+
+# Where bubblewrap is installed, Codex runs its tools through its own sandbox helper, which
+# it links into CODEX_HOME at start, and it refuses to make those links under the system
+# temporary directory (/tmp): a CODEX_HOME there makes every tool call fail. So test homes
+# live under /var/tmp, which the system's temp_dir() does not name.
+CODEX_HOME_BASE = "/var/tmp" if os.path.isdir("/var/tmp") else None
+
+
+@contextlib.contextmanager
+def codex_home(base_url: str, idle_timeout_ms: int = 20000) -> Iterator[dict[str, str]]:
+    """``write_codex_home`` in a fresh directory outside /tmp, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="pb-codex-home-", dir=CODEX_HOME_BASE) as d:
+        yield write_codex_home(d, base_url, idle_timeout_ms)
 
 
 def exec_args(workdir: str | os.PathLike[str], *extra: str) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterator, Tuple
 
 import pytest
 from fake_model import (FakeModel, apply_patch, find_codex_bin, hang, input_texts, message,
-                        shell, write_codex_home)
+                        shell, codex_home)
 from pbtest import InProcessServer, Mcp, ServeProcess, action, git, make_app
 
 CODEX = find_codex_bin()
@@ -24,10 +24,9 @@ EDIT = ("*** Begin Patch\n*** Update File: README.md\n@@\n-# Demo\n+# Demo, edit
 
 
 @pytest.fixture
-def codex_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeModel]:
+def codex_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeModel]:
     """A fake model and a CODEX_HOME pointing at it, in this process's environment."""
-    with FakeModel([]) as fake:
-        env = write_codex_home(tmp_path / "codex-home", fake.url)
+    with FakeModel([]) as fake, codex_home(fake.url) as env:
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         yield fake

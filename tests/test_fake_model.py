@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from fake_model import (
@@ -28,6 +29,7 @@ from fake_model import (
     shell,
     stall,
     write_codex_home,
+    CODEX_HOME_BASE,
 )
 
 RUN_TIMEOUT = 30.0  # generous wall clock; a healthy turn takes under 1 s
@@ -72,17 +74,24 @@ def repo(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def codex_dir() -> Iterator[Path]:
+    """A CODEX_HOME outside /tmp (see fake_model.CODEX_HOME_BASE), removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="pb-codex-home-", dir=CODEX_HOME_BASE) as d:
+        yield Path(d)
+
+
 def _run(
     codex_bin: str,
     fake: FakeModel,
-    tmp_path: Path,
+    home: Path,
     args: list[str],
     prompt: str,
     *,
     timeout: float = RUN_TIMEOUT,
     idle_timeout_ms: int = 20000,
 ) -> CodexRun:
-    env = write_codex_home(tmp_path / "codex_home", fake.url, idle_timeout_ms)
+    env = write_codex_home(home, fake.url, idle_timeout_ms)
     return run_codex(codex_bin, args, prompt, env, timeout=timeout)
 
 
@@ -99,13 +108,13 @@ def _user_prompt(request: dict[str, Any]) -> str:
 # -- (a) shell ---------------------------------------------------------------
 
 
-def test_shell_step_writes_file(codex_bin: str, repo: Path, tmp_path: Path) -> None:
+def test_shell_step_writes_file(codex_bin: str, repo: Path, codex_dir: Path) -> None:
     script = [
         shell("printf 'from shell\\n' > out.txt && cat out.txt"),
         message("wrote out.txt"),
     ]
     with FakeModel(script) as fake:
-        run = _run(codex_bin, fake, tmp_path, exec_args(repo), "write a file")
+        run = _run(codex_bin, fake, codex_dir, exec_args(repo), "write a file")
         requests = fake.responses_requests()
     assert run.returncode == 0, _describe(run)
     assert (repo / "out.txt").read_text() == "from shell\n"
@@ -127,14 +136,14 @@ def test_shell_step_writes_file(codex_bin: str, repo: Path, tmp_path: Path) -> N
 
 
 def test_apply_patch_step_edits_file(
-    codex_bin: str, repo: Path, tmp_path: Path
+    codex_bin: str, repo: Path, codex_dir: Path
 ) -> None:
     patch = (
         "*** Begin Patch\n*** Update File: hello.txt\n@@\n-hello\n"
         "+hello, patched\n*** End Patch\n"
     )
     with FakeModel([apply_patch(patch), message("patched")]) as fake:
-        run = _run(codex_bin, fake, tmp_path, exec_args(repo), "patch it")
+        run = _run(codex_bin, fake, codex_dir, exec_args(repo), "patch it")
         requests = fake.responses_requests()
     assert run.returncode == 0, _describe(run)
     assert (repo / "hello.txt").read_text() == "hello, patched\n"
@@ -151,9 +160,9 @@ def test_apply_patch_step_edits_file(
 # -- (c) resume ----------------------------------------------------------------
 
 
-def test_resume_continues_thread(codex_bin: str, repo: Path, tmp_path: Path) -> None:
+def test_resume_continues_thread(codex_bin: str, repo: Path, codex_dir: Path) -> None:
     with FakeModel([shell("echo one > first.txt"), message("first done")]) as fake:
-        first = _run(codex_bin, fake, tmp_path, exec_args(repo), "first prompt")
+        first = _run(codex_bin, fake, codex_dir, exec_args(repo), "first prompt")
         assert first.returncode == 0, _describe(first)
         thread_id = first.thread_id()
         assert thread_id
@@ -161,7 +170,7 @@ def test_resume_continues_thread(codex_bin: str, repo: Path, tmp_path: Path) -> 
         # -C/-s must precede `resume`: it restores neither (codex.md, 4).
         fake.add(shell("echo two > second.txt"), message("second done"))
         args = exec_args(repo, "resume", thread_id)
-        second = _run(codex_bin, fake, tmp_path, args, "second prompt")
+        second = _run(codex_bin, fake, codex_dir, args, "second prompt")
         resumed = fake.responses_requests()[n_first:]
     assert second.returncode == 0, _describe(second)
     assert second.thread_id() == thread_id
@@ -194,14 +203,14 @@ def test_resume_continues_thread(codex_bin: str, repo: Path, tmp_path: Path) -> 
     ids=["http400", "http500", "response_failed", "stall"],
 )
 def test_error_step_fails_turn(
-    codex_bin: str, repo: Path, tmp_path: Path, step: Step, expected: str
+    codex_bin: str, repo: Path, codex_dir: Path, step: Step, expected: str
 ) -> None:
     with FakeModel([step]) as fake:
         # A short idle timeout makes the stall case fail fast.
         run = _run(
             codex_bin,
             fake,
-            tmp_path,
+            codex_dir,
             exec_args(repo),
             "fail please",
             idle_timeout_ms=500,
@@ -221,11 +230,11 @@ def test_error_step_fails_turn(
 
 
 def test_flag_like_prompt_on_stdin_is_text(
-    codex_bin: str, repo: Path, tmp_path: Path
+    codex_bin: str, repo: Path, codex_dir: Path
 ) -> None:
     prompt = "--help -c model_provider=x\n--version -s danger-full-access"
     with FakeModel() as fake:
-        run = _run(codex_bin, fake, tmp_path, exec_args(repo), prompt)
+        run = _run(codex_bin, fake, codex_dir, exec_args(repo), prompt)
         requests = fake.responses_requests()
     assert run.returncode == 0, _describe(run)
     assert len(requests) == 1  # the provider was not switched away
@@ -240,11 +249,11 @@ def test_flag_like_prompt_on_stdin_is_text(
 
 
 def test_hang_is_killed_and_released(
-    codex_bin: str, repo: Path, tmp_path: Path
+    codex_bin: str, repo: Path, codex_dir: Path
 ) -> None:
     fake = FakeModel([hang()]).start()
     try:
-        run = _run(codex_bin, fake, tmp_path, exec_args(repo), "hang", timeout=1.5)
+        run = _run(codex_bin, fake, codex_dir, exec_args(repo), "hang", timeout=1.5)
         assert run.timed_out and run.returncode != 0
         assert [r["step"] for r in fake.responses_requests()] == ["hang"]
         assert fake.alive_handlers() == 1  # still held, not answered
