@@ -2812,6 +2812,26 @@ class CallContext:
         self.root: Root  # set by the dispatcher before the handler runs
 
 
+def search_timeout(timeout: float) -> PatchbayError:
+    return PatchbayError("the search did not finish within %g s (limits.search_timeout_s); "
+                         "narrow it with path or glob, or a simpler query" % timeout, "TIMEOUT")
+
+
+def kill_at_deadline(proc: subprocess.Popen[Any],
+                     timeout: float) -> Tuple[threading.Timer, threading.Event]:
+    """Kill the child's group after `timeout` s; the event tells that it came to that."""
+    fired = threading.Event()
+
+    def fire() -> None:
+        fired.set()
+        kill_group(proc)
+
+    timer = threading.Timer(timeout, fire)
+    timer.daemon = True
+    timer.start()
+    return timer, fired
+
+
 def stream_records(argv: List[str], cwd: str, env: Dict[str, str], timeout: float,
                    cancel: threading.Event, error_codes: Tuple[int, ...] = ()) -> Iterator[bytes]:
     """Yield stdout lines of a child; stop it (whole group) when the consumer stops,
@@ -2821,9 +2841,7 @@ def stream_records(argv: List[str], cwd: str, env: Dict[str, str], timeout: floa
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
-    timer = threading.Timer(timeout, kill_group, (proc,))
-    timer.daemon = True
-    timer.start()
+    timer, fired = kill_at_deadline(proc, timeout)
     produced = False
     try:
         assert proc.stdout is not None and proc.stderr is not None
@@ -2834,6 +2852,8 @@ def stream_records(argv: List[str], cwd: str, env: Dict[str, str], timeout: floa
             yield line[:65536]
         else:
             proc.wait()
+            if fired.is_set():
+                raise search_timeout(timeout)
             if proc.returncode in error_codes and not produced:
                 lines = proc.stderr.read(4096).decode("utf-8", "replace").strip().splitlines()
                 why = " ".join(ln.strip() for ln in lines if ln.strip())[:300]
@@ -2846,6 +2866,68 @@ def stream_records(argv: List[str], cwd: str, env: Dict[str, str], timeout: floa
         else:
             proc.wait()
         for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+
+
+# The Python scan never runs a client's regular expression in this process: `re`
+# backtracks (`(a+)+$` on a long line takes exponential time) and holds the interpreter
+# meanwhile, freezing every other client. A child matches instead and is killed at the
+# deadline. It reads records "<byte length>\n<UTF-8 text>": first the pattern, then texts,
+# and answers each text with one line, the numbers of its lines that match.
+MATCH_CHILD = r"""
+import re, sys
+src = sys.stdin.buffer
+def record():
+    head = src.readline()
+    return src.read(int(head)).decode("utf-8", "surrogatepass") if head else None
+pattern = re.compile(record(), int(sys.argv[1]))
+while True:
+    text = record()
+    if text is None:
+        break
+    found = [str(n) for n, line in enumerate(text.split("\n"), 1) if pattern.search(line)]
+    sys.stdout.write(" ".join(found) + "\n")
+    sys.stdout.flush()
+"""
+
+
+class RegexChild:
+    """One search's matcher process: `lines(text)` runs in the child, which is killed at
+    the deadline (then `lines` raises TIMEOUT)."""
+
+    def __init__(self, pattern: str, flags: int, timeout: float) -> None:
+        self.timeout = timeout
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", MATCH_CHILD, str(int(flags))], env=child_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        self.timer, self.fired = kill_at_deadline(self.proc, timeout)
+        self._send(pattern)
+
+    def _send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        data = text.encode("utf-8", "surrogatepass")
+        try:
+            self.proc.stdin.write(b"%d\n" % len(data) + data)
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # the child is gone; the answer's absence says why
+
+    def lines(self, text: str) -> List[int]:
+        assert self.proc.stdout is not None
+        self._send(text)
+        answer = self.proc.stdout.readline()
+        if not answer.endswith(b"\n"):
+            if self.fired.is_set():
+                raise search_timeout(self.timeout)
+            raise PatchbayError("the search's matcher process ended early", "INTERNAL")
+        return [int(n) for n in answer.split()]
+
+    def close(self) -> None:
+        self.timer.cancel()
+        kill_group(self.proc)
+        for stream in (self.proc.stdin, self.proc.stdout):
             if stream:
                 stream.close()
 
@@ -3085,7 +3167,7 @@ class Workbench:
             yield "git", self._parse_hits(stream_records(
                 argv, cwd, self.git.env, timeout, call.cancel, (128,)), rg=False)
             return
-        yield "python", self._python_search(call, root, base, args, time.monotonic() + timeout)
+        yield "python", self._python_search(call, root, base, args, timeout)
 
     @staticmethod
     def _parse_hits(lines: Iterator[bytes], rg: bool) -> Iterator[Hit]:
@@ -3099,52 +3181,58 @@ class Workbench:
                 yield path, int(num), text
 
     def _python_search(self, call: CallContext, root: Root, base: List[str],
-                       args: Dict[str, Any], deadline: float) -> Iterator[Hit]:
+                       args: Dict[str, Any], timeout: float) -> Iterator[Hit]:
+        query = args["query"] if args["regex"] else re.escape(args["query"])
         flags = 0 if args["case_sensitive"] else re.IGNORECASE
         try:
-            pattern = re.compile(args["query"] if args["regex"] else re.escape(args["query"]),
-                                 flags)
+            re.compile(query, flags)  # compiling is linear; only matching can run away
         except re.error as exc:
             raise PatchbayError("query is not a valid regular expression: %s" % exc) from None
-        stack = [base]
-        while stack:
-            parts = stack.pop()
-            try:
-                fd, parts = self.guard.walk(root, parts, whole=True)
-            except PatchbayError as exc:
-                if exc.code == "NOT_FOUND" and parts:  # the target is a file, not a directory
-                    yield from self._python_scan_file(root, parts, pattern)
-                continue
-            try:
-                entries = sorted(os.scandir(fd), key=lambda e: e.name, reverse=True)
-            finally:
-                self.guard.release(root, fd)
-            for entry in entries:
-                if time.monotonic() > deadline or call.cancel.is_set():
-                    return
-                child = parts + [entry.name]
-                if entry.name == ".git" or not self.guard.visible(root, child):
+        matcher = RegexChild(query, flags, timeout)
+        try:
+            stack = [base]
+            while stack:
+                parts = stack.pop()
+                try:
+                    fd, parts = self.guard.walk(root, parts, whole=True)
+                except PatchbayError as exc:
+                    if exc.code == "NOT_FOUND" and parts:  # the target is a file
+                        yield from self._python_scan_file(root, parts, matcher)
                     continue
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(child)
-                elif entry.is_file(follow_symlinks=False):
-                    yield from self._python_scan_file(root, child, pattern)
+                try:
+                    entries = sorted(os.scandir(fd), key=lambda e: e.name, reverse=True)
+                finally:
+                    self.guard.release(root, fd)
+                for entry in entries:
+                    if call.cancel.is_set():
+                        return
+                    if matcher.fired.is_set():
+                        raise search_timeout(timeout)
+                    child = parts + [entry.name]
+                    if entry.name == ".git" or not self.guard.visible(root, child):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(child)
+                    elif entry.is_file(follow_symlinks=False):
+                        yield from self._python_scan_file(root, child, matcher)
+        finally:
+            matcher.close()
 
     def _python_scan_file(self, root: Root, parts: List[str],
-                          pattern: re.Pattern[str]) -> Iterator[Hit]:
+                          matcher: RegexChild) -> Iterator[Hit]:
         try:
             data, parts = self.guard.read(root, rel(parts), 8 * 1024 * 1024)
         except PatchbayError:
             return
-        if looks_binary(data):
+        if looks_binary(data) or not data:
             return
-        # Lines end at "\n", as for rg, git grep and read_file, so line numbers agree.
-        lines = data.decode("utf-8", "replace").split("\n")
-        if lines[-1] == "":
-            lines.pop()  # the newline ending the last line starts no line of its own
-        for n, text in enumerate(lines, 1):
-            if pattern.search(text):
-                yield rel(parts), n, text
+        # Lines end at "\n", as for rg, git grep and read_file, so line numbers agree; the
+        # newline ending the last line starts no line of its own.
+        text = data.decode("utf-8", "replace")
+        text = text[:-1] if text.endswith("\n") else text
+        lines = text.split("\n")
+        for n in matcher.lines(text):
+            yield rel(parts), n, lines[n - 1]
 
     def tool_fetch(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
         ref = args["id"]

@@ -12,11 +12,14 @@ import json
 import os
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
+import patchbay
 import pytest
-from pbtest import InProcessServer, Mcp, action, both_doors, git, make_app, make_repo
+from pbtest import InProcessServer, Mcp, action, both_doors, git, make_app, make_repo, request
 
 RG = (Path(__file__).resolve().parent.parent / ".cache" / "npm" / "node_modules" / "@openai"
       / "codex-linux-x64" / "vendor" / "x86_64-unknown-linux-musl" / "codex-path" / "rg")
@@ -334,6 +337,59 @@ def test_search_invalid_regex_is_an_error(backend_doors):
     for door, call in doors_:
         assert err(call, "search", {"query": "a(", "regex": True}) == "INVALID_ARG", (
             backend, door)
+
+
+def test_backtracking_regex_ends_at_the_deadline_and_the_server_keeps_answering(
+        serve_process, repo, tmp_path):
+    """`(a+)+$` on a long line of a's ending in "!" backtracks for ever in Python's `re`.
+    The Python scan (no rg, no git repository) must run it where it can be killed: the
+    server answers /health meanwhile and the search ends with TIMEOUT at its deadline."""
+    shutil.rmtree(repo / ".git")
+    (repo / "trap.txt").write_text("a" * 5000 + "!\n")
+    profile = tmp_path / "slow.json"
+    profile.write_text(json.dumps({"extends": "worker", "limits": {"search_timeout_s": 2}}))
+    bindir = tmp_path / "bin"  # a PATH without rg
+    bindir.mkdir()
+    os.symlink(shutil.which("git") or "/usr/bin/git", bindir / "git")
+    srv = serve_process("--profile", str(profile), env={"PATH": str(bindir)})
+    answers: Dict[str, Any] = {}
+
+    def search() -> None:
+        answers["search"] = action(srv.url, "search", {"query": "(a+)+$", "regex": True})
+
+    worker = threading.Thread(target=search)
+    started = time.monotonic()
+    worker.start()
+    healthy = 0
+    while worker.is_alive() and time.monotonic() - started < 30:
+        status, _, _ = request(srv.url + "/health", timeout=5)  # raises if the server froze
+        assert status == 200
+        healthy += 1
+        time.sleep(0.1)
+    worker.join(30)
+    assert not worker.is_alive(), "the search outlived its deadline"
+    status, body = answers["search"]
+    assert status == 504 and body["error"] == "TIMEOUT", body
+    assert "search_timeout_s" in body["message"]
+    assert healthy >= 5  # /health answered all through the two seconds
+    # The matcher child is gone, and the next search works.
+    assert "(a+)+" not in subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                                         text=True).stdout
+    status, body = action(srv.url, "search", {"query": "Demo", "case_sensitive": True})
+    assert status == 200 and body["backend"] == "python", body
+    assert [h["path"] for h in body["results"]] == ["README.md"]
+
+
+@pytest.mark.parametrize("argv", [["sleep", "30"], ["sh", "-c", "echo one; exec sleep 30"]])
+def test_search_child_is_killed_at_the_deadline(tmp_path, argv):
+    """rg and git grep run through the same streaming runner: at the deadline the child's
+    whole group dies and the search says TIMEOUT instead of returning a partial answer."""
+    started = time.monotonic()
+    with pytest.raises(patchbay.PatchbayError) as caught:
+        list(patchbay.stream_records(argv, str(tmp_path), {"PATH": os.environ["PATH"]}, 0.5,
+                                     threading.Event(), (2,)))
+    assert caught.value.code == "TIMEOUT"
+    assert time.monotonic() - started < 10
 
 
 CROSS_QUERIES: List[Dict[str, Any]] = [
