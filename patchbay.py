@@ -149,12 +149,23 @@ ERROR_STATUS = {
 }
 
 
+def printable(text: str) -> str:
+    """`text` with any lone surrogate (a file name's non-UTF-8 byte, as os and git keep it)
+    written as a \\x escape, so a message always encodes as UTF-8 JSON."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 class PatchbayError(Exception):
     """An expected failure: it knows its machine code, HTTP status and exit code."""
 
     exit_code = 1
 
     def __init__(self, message: str, code: str = "INVALID_ARG", **data: Any) -> None:
+        message = printable(message)
         super().__init__(message)
         self.message = message
         self.code = code
@@ -858,6 +869,55 @@ def rel(parts: List[str]) -> str:
     return "/".join(parts) or "."
 
 
+# How a path that JSON cannot carry plainly is shown (docs/paths.md): in double quotes with
+# C escapes, as git's core.quotePath does, when it holds a byte that is not UTF-8 (kept
+# by os and git as a U+DC80..U+DCFF surrogate), a control character, or begins with a
+# quote. Any path that begins and ends with a quote is read back that way, so the form is
+# reversible and never ambiguous; every other path means itself.
+_NEEDS_QUOTES = re.compile('^"|[\x00-\x1f\x7f-\x9f\udc80-\udcff]')
+_C_ESCAPES = {"\a": "a", "\b": "b", "\t": "t", "\n": "n", "\v": "v", "\f": "f",
+              "\r": "r", '"': '"', "\\": "\\"}
+_C_UNESCAPES = {v: k.encode() for k, v in _C_ESCAPES.items()}
+
+
+def quote_path(path: str) -> str:
+    if not _NEEDS_QUOTES.search(path):
+        return path
+    out = []
+    for ch in path:
+        if ch in _C_ESCAPES:
+            out.append("\\" + _C_ESCAPES[ch])
+        elif _NEEDS_QUOTES.match(ch) and ch != '"':
+            out.extend("\\%03o" % b for b in ch.encode("utf-8", "surrogateescape"))
+        else:
+            out.append(ch)
+    return '"%s"' % "".join(out)
+
+
+def unquote_path(path: str) -> str:
+    """The path `quote_path` showed as `path` (a plain path is returned as it is)."""
+    if len(path) < 2 or path[0] != '"' or path[-1] != '"':
+        return path
+    body, out, i = path[1:-1], bytearray(), 0
+    while i < len(body):
+        ch = body[i]
+        if ch != "\\":
+            if ch == '"':
+                raise PatchbayError('a quoted path writes a quote inside it as \\"')
+            out += ch.encode("utf-8", "surrogatepass")
+            i += 1
+        elif body[i + 1:i + 2] in _C_UNESCAPES:
+            out += _C_UNESCAPES[body[i + 1]]
+            i += 2
+        elif re.fullmatch("[0-3][0-7][0-7]", body[i + 1:i + 4]):
+            out.append(int(body[i + 1:i + 4], 8))
+            i += 4
+        else:
+            raise PatchbayError("a quoted path has a bad escape at %r (docs/paths.md)"
+                                % body[i:i + 4])
+    return out.decode("utf-8", "surrogateescape")
+
+
 class Root:
     """A workspace root pinned as a directory fd at start: renaming or replacing the
     directory afterwards cannot redirect PatchBay somewhere else."""
@@ -917,11 +977,14 @@ class PathGuard:
     def split(self, root: Root, path: Any, allow_root: bool = False) -> List[str]:
         if not isinstance(path, str) or "\x00" in path:
             raise PatchbayError("path must be a string without NUL bytes", "INVALID_ARG")
-        try:
-            encoded = path.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates
+        path = unquote_path(path)
+        if "\x00" in path:
+            raise PatchbayError("path must be a string without NUL bytes", "INVALID_ARG")
+        try:  # a non-UTF-8 byte of a name is a U+DC80..U+DCFF surrogate, as os keeps it
+            encoded = path.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # other lone surrogates
             raise PatchbayError("path is not valid Unicode", "INVALID_ARG") from None
-        if len(encoded) > 4096 or any(len(c.encode()) > 255 for c in path.split("/")):
+        if len(encoded) > 4096 or any(len(c) > 255 for c in encoded.split(b"/")):
             raise PatchbayError("path is too long", "INVALID_ARG")
         if ".." in path.split("/"):
             raise PatchbayError("path may not contain '..': give it relative to the "
@@ -1178,7 +1241,7 @@ class PathGuard:
                 except OSError:
                     pass
                 raise
-            return {"path": rel(parts), "created": st is None, "bytes": len(data),
+            return {"path": quote_path(rel(parts)), "created": st is None, "bytes": len(data),
                     "sha256": hashlib.sha256(data).hexdigest()}
         finally:
             self.release(root, pfd)
@@ -1394,8 +1457,9 @@ class Git:
 
     def status(self, cwd: str) -> Dict[str, Any]:
         """`git status --porcelain=v2 --branch -z`, parsed into branch, head and files."""
+        # Paths keep a non-UTF-8 byte as a surrogate, so they name the file exactly.
         out = self.run(cwd, ["status", "--porcelain=v2", "--branch", "-z",
-                             "--untracked-files=all"]).decode("utf-8", "replace")
+                             "--untracked-files=all"]).decode("utf-8", "surrogateescape")
         fields = out.split("\0")
         info: Dict[str, Any] = {"branch": None, "head": None, "files": []}
         i = 0
@@ -1407,7 +1471,7 @@ class Git:
                 info["head"] = None if oid == "(initial)" else oid[:12]
             elif f.startswith("# branch.head "):
                 head = f[14:]
-                info["branch"] = None if head == "(detached)" else head
+                info["branch"] = None if head == "(detached)" else printable(head)
             elif f[:2] in ("1 ", "2 ", "u "):
                 cols = f.split(" ", {"1": 8, "2": 9, "u": 10}[f[0]])
                 xy, path = cols[1], cols[-1]
@@ -1427,7 +1491,8 @@ class Git:
         if not paths:
             return set()
         out = self.run(cwd, ["check-ignore", "-z", "--stdin"],
-                       input="\0".join(paths).encode() + b"\0", ok_codes=(0, 1))
+                       input="\0".join(paths).encode("utf-8", "surrogateescape") + b"\0",
+                       ok_codes=(0, 1))
         return {p.decode("utf-8", "surrogateescape") for p in out.split(b"\0") if p}
 
 
@@ -2935,6 +3000,11 @@ class RegexChild:
 Hit = Tuple[str, int, str]  # path, line number, line text
 
 
+def shown_status(entry: Dict[str, Any]) -> Dict[str, Any]:
+    """A `Git.status` file entry with its paths as tools show them (`quote_path`)."""
+    return {k: quote_path(v) if k in ("path", "from") else v for k, v in entry.items()}
+
+
 class Workbench:
     """The tool handlers. `tool_<name>` methods; TOOLS below declares them."""
 
@@ -2954,7 +3024,8 @@ class Workbench:
         return data.decode("utf-8", "replace")
 
     def _url(self, root: Root, path: str, line: Optional[int] = None) -> str:
-        url = "patchbay://%s/%s" % (urllib.parse.quote(root.name), urllib.parse.quote(path))
+        url = "patchbay://%s/%s" % (urllib.parse.quote(root.name),
+                                    urllib.parse.quote(path, errors="surrogateescape"))
         return url + ("#L%d" % line if line else "")
 
     # -- context tools -------------------------------------------------------------------
@@ -3039,14 +3110,14 @@ class Workbench:
                     os.close(dfd)
             self.guard.release(root, fd)
         entries.sort(key=lambda e: e["path"])
-        return {"path": rel(base), "entries": entries, "truncated": truncated}
+        return {"path": quote_path(rel(base)), "entries": entries, "truncated": truncated}
 
     @staticmethod
     def _entry(entry: os.DirEntry[str], parts: List[str]) -> Dict[str, Any]:
         st = entry.stat(follow_symlinks=False)
         kind = ("dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode)
                 else "symlink" if stat.S_ISLNK(st.st_mode) else "other")
-        info: Dict[str, Any] = {"path": rel(parts), "type": kind}
+        info: Dict[str, Any] = {"path": quote_path(rel(parts)), "type": kind}
         if kind == "file":
             info["size"] = st.st_size
         return info
@@ -3070,7 +3141,8 @@ class Workbench:
         if len(whole) > budget // 6 and json_len(whole) > budget:  # cut at a line that fits
             whole, truncated = cap_text(whole, budget)
             end = start - 1 + max(1, count_lines(whole))
-        return {"path": rel(parts), "text": whole, "start_line": start, "end_line": end,
+        return {"path": quote_path(rel(parts)), "text": whole, "start_line": start,
+                "end_line": end,
                 "total_lines": total, "next_start_line": end + 1 if end < total else None,
                 "sha256": hashlib.sha256(data).hexdigest(), "truncated": truncated}
 
@@ -3087,9 +3159,9 @@ class Workbench:
                 if (not self.guard.visible(root, parts) or not self._glob_ok(args["glob"], path)
                         or self._hard_linked(root, path, linked)):
                     continue
-                ref = "%s:%d" % (path, line)
+                ref = "%s:%d" % (quote_path(path), line)
                 hit = {"id": ref, "title": ref, "url": self._url(root, path, line),
-                       "path": path, "line": line, "snippet": text.strip()[:300]}
+                       "path": quote_path(path), "line": line, "snippet": text.strip()[:300]}
                 budget -= len(dumps(hit)) + 1
                 if len(results) >= limit or budget < 0:
                     truncated = True
@@ -3142,7 +3214,7 @@ class Workbench:
                          args: Dict[str, Any]) -> Iterator[Tuple[str, Iterator[Hit]]]:
         """rg, then git grep, then Python. The query always follows -e, paths follow --."""
         cwd = root.current_path()
-        target = rel(base)
+        target = "/".join(base) or "."
         timeout = self.limits["search_timeout_s"]
         # All three search hidden files too (dot-files such as .github/), never .git, and
         # never follow a symlink while walking (the target itself was resolved above).
@@ -3171,10 +3243,16 @@ class Workbench:
 
     @staticmethod
     def _parse_hits(lines: Iterator[bytes], rg: bool) -> Iterator[Hit]:
+        carry = b""
         for raw in lines:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            path, _, rest = line.partition("\0")
-            num, _, text = rest.partition(":" if rg else "\0")
+            raw, carry = carry + raw, b""
+            if b"\0" not in raw:  # a path with a newline in it: the record goes on
+                carry = raw[:4096]
+                continue
+            # The path as the filesystem spells it (a non-UTF-8 byte kept as a surrogate).
+            name, _, tail = raw.rstrip(b"\n").partition(b"\0")
+            path = name.decode("utf-8", "surrogateescape")
+            num, _, text = tail.decode("utf-8", "replace").partition(":" if rg else "\0")
             if path.startswith("./"):
                 path = path[2:]
             if num.isdigit():
@@ -3232,7 +3310,7 @@ class Workbench:
         text = text[:-1] if text.endswith("\n") else text
         lines = text.split("\n")
         for n in matcher.lines(text):
-            yield rel(parts), n, lines[n - 1]
+            yield "/".join(parts), n, lines[n - 1]
 
     def tool_fetch(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
         ref = args["id"]
@@ -3243,9 +3321,10 @@ class Workbench:
         data, parts = self.guard.read(call.root, path, self.limits["read_bytes"])
         full = self._text(data, parts)
         text, cut = cap_text(full, self.limits["text_chars"])
-        return {"id": ref, "title": rel(parts), "text": text,
+        return {"id": ref, "title": quote_path(rel(parts)), "text": text,
                 "url": self._url(call.root, rel(parts), line),
-                "metadata": {"path": rel(parts), "line": line, "workspace": call.root.name,
+                "metadata": {"path": quote_path(rel(parts)), "line": line,
+                             "workspace": call.root.name,
                              "sha256": hashlib.sha256(data).hexdigest(),
                              "total_lines": count_lines(full),
                              "truncated": cut}}
@@ -3272,7 +3351,8 @@ class Workbench:
                              min(args["max_bytes"], self.limits["text_chars"]))
         hidden = len(st["files"]) - len(files) if not prefix else None
         out = {"branch": st["branch"], "head": st["head"], "staged": args["staged"],
-               "files": files[:1000], "diff": text, "truncated": cut or len(files) > 1000}
+               "files": [shown_status(f) for f in files[:1000]], "diff": text,
+               "truncated": cut or len(files) > 1000}
         if hidden:
             out["hidden_blocked"] = hidden
         return out

@@ -618,6 +618,87 @@ def test_switch_workspace_over_actions_is_stored_in_channel(two_roots, home):
 
 
 # ---------------------------------------------------------------------------------------
+# odd file names: listed in the quoted form of docs/paths.md, read back from it
+# ---------------------------------------------------------------------------------------
+
+# name on disk (bytes) -> how tools show it
+ODD_NAMES = {
+    b"bad\xffname.txt": '"bad\\377name.txt"',
+    b"new\nline.txt": '"new\\nline.txt"',
+    b"tab\there.txt": '"tab\\there.txt"',
+    b'say "hi".txt': 'say "hi".txt',
+    b'"lead.txt': '"\\"lead.txt"',
+    b"-rf.txt": "-rf.txt",
+    b"--help": "--help",
+    b"back\\slash.txt": "back\\slash.txt",
+    "caf\u00e9.txt".encode(): "caf\u00e9.txt",
+    b"d\xfe/in\x01ner.txt": '"d\\376/in\\001ner.txt"',
+}
+
+
+def write_odd_names(repo: Path) -> None:
+    for name in ODD_NAMES:
+        path = os.path.join(os.fsencode(repo), name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"needle in " + name + b"\n")
+
+
+def test_odd_file_names_are_listed_and_read_back(start_server, repo):
+    write_odd_names(repo)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "odd names")
+    for name in ODD_NAMES:  # every file changed, one of them left untracked
+        with open(os.path.join(os.fsencode(repo), name), "ab") as f:
+            f.write(b"changed\n")
+    (repo / os.fsdecode(b"untracked\xff\n.txt")).write_text("new\n")
+    srv = start_server()
+    shown = set(ODD_NAMES.values())
+    for door, call in both_doors(srv.url):
+        listed = set(paths_of(ok(call, "list_files", {"depth": 3})))
+        assert shown <= listed, (door, shown - listed)
+        assert '"untracked\\377\\n.txt"' in listed, door
+        assert ok(call, "list_files", {"path": '"d\\376"'})["entries"] == [
+            {"path": '"d\\376/in\\001ner.txt"', "type": "file", "size": len(
+                b"needle in d\xfe/in\x01ner.txt\nchanged\n")}], door
+        for name, form in ODD_NAMES.items():
+            r = ok(call, "read_file", {"path": form})
+            assert r["path"] == form, door
+            assert r["text"].encode() == b"needle in " + name.replace(
+                b"\xff", "\ufffd".encode()).replace(b"\xfe", "\ufffd".encode()) + b"\nchanged\n"
+        changes = ok(call, "changes", {})
+        files = {f["path"]: f for f in changes["files"]}
+        assert shown | {'"untracked\\377\\n.txt"'} <= set(files), (door, files)
+        assert files['"bad\\377name.txt"']["worktree"] == "M"
+        assert "changed" in changes["diff"]
+        assert ok(call, "changes", {"path": '"d\\376"'})["files"][0]["path"] == (
+            '"d\\376/in\\001ner.txt"')
+        ws = ok(call, "workspace", {})
+        assert ws["git"]["unstaged"] == len(ODD_NAMES) and ws["git"]["untracked"] == 1, door
+        # A quoted form that is not well-formed is a clear error, not a guess.
+        for bad in ('"a\\q"', '"a"b"', '"\\400"', '"nul\\000"'):
+            assert err(call, "read_file", {"path": bad}) == "INVALID_ARG", (door, bad)
+        # The quoted form is still only a spelling: `..` and blocked names stay refused.
+        assert err(call, "read_file", {"path": '"..\\057README.md"'}) == "DENIED_PATH"
+        assert err(call, "read_file", {"path": '"\\056env"'}) == "BLOCKED_FILE"
+        assert err(call, "read_file", {"path": '"\\056git/config"'}) == "DENIED_PATH"
+
+
+def test_odd_file_names_in_search_results_are_fetched_back(backend_doors, repo):
+    backend, doors_ = backend_doors
+    write_odd_names(repo)
+    for door, call in doors_:
+        r = ok(call, "search", {"query": "needle in", "max_results": 50})
+        assert r["backend"] == backend
+        hits = {h["path"]: h for h in r["results"]}
+        assert set(hits) == set(ODD_NAMES.values()), (backend, door, hits)
+        for form, hit in hits.items():
+            assert hit["id"] == form + ":1"
+            f = ok(call, "fetch", {"id": hit["id"]})
+            assert f["metadata"]["path"] == form and f["text"].startswith("needle in")
+
+
+# ---------------------------------------------------------------------------------------
 # repository-controlled programs
 # ---------------------------------------------------------------------------------------
 
