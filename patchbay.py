@@ -64,7 +64,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -110,6 +110,17 @@ DEFAULT_LIMITS: Dict[str, int] = {
     "turn_timeout_s": 45 * 60,
     "audit_bytes": 5 * 1024 * 1024,
 }
+# The largest value a profile may give each limit (the smallest is 1): far above any real
+# need, low enough that a typo cannot ask for terabytes or a timeout of centuries.
+LIMIT_MAX: Dict[str, int] = {
+    "body_bytes": 1 << 30, "read_bytes": 1 << 30, "result_chars": 1 << 30,
+    "text_chars": 1 << 30, "output_bytes": 1 << 30, "audit_bytes": 1 << 40,
+    "max_connections": 1 << 20, "max_sessions": 1 << 20, "max_parallel_turns": 256,
+    "search_timeout_s": 86400, "request_timeout_s": 86400, "actions_timeout_s": 86400,
+    "session_idle_s": 365 * 86400, "turn_timeout_s": 365 * 86400,
+}
+PORT_RANGE = (0, 65535)  # 0: any free port
+TTL_RANGE = (1, 366 * 24 * 60)  # minutes: up to a year
 
 class Log:
     """Lines to stderr. `verbose` (set once by -v) adds info lines: the access log."""
@@ -541,6 +552,14 @@ def load_profile_file(path: str) -> Dict[str, Any]:
     return data
 
 
+def check_int(what: str, value: Any, low: int, high: int) -> int:
+    """`value` if it is an integer from `low` to `high`; else a UsageError naming both."""
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+        return value
+    raise UsageError("%s must be an integer from %d to %d, not %s"
+                     % (what, low, high, repr(value)[:40]))
+
+
 def check_profile(data: Dict[str, Any], where: str) -> Dict[str, Any]:
     unknown = sorted(set(data) - set(PROFILE_KEYS))
     if unknown:
@@ -559,8 +578,11 @@ def check_profile(data: Dict[str, Any], where: str) -> Dict[str, Any]:
         raise UsageError("%s: unknown limit(s) %s; accepted: %s"
                          % (where, ", ".join(bad_limits), ", ".join(DEFAULT_LIMITS)))
     for key, value in data.get("limits", {}).items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UsageError("%s: limits.%s must be a positive integer" % (where, key))
+        check_int("%s: limits.%s" % (where, key), value, 1, LIMIT_MAX.get(key, 1 << 30))
+    if data.get("port") is not None:
+        check_int("%s: port" % where, data["port"], *PORT_RANGE)
+    if data.get("ttl_minutes") is not None:
+        check_int("%s: ttl_minutes" % where, data["ttl_minutes"], *TTL_RANGE)
     bad_codex = sorted(set(data.get("codex", {})) - set(CODEX_DEFAULTS))
     if bad_codex:
         raise UsageError("%s: unknown codex key(s) %s; accepted: %s"
@@ -4912,6 +4934,24 @@ def chatgpt_settings(url: str, token: Optional[str], reveal: bool) -> str:
 # §14 CLI: one COMMANDS table, cmd_<name>(args) -> exit code
 # =======================================================================================
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
+def int_flag(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high` (so no NaN, inf or 1e9)."""
+    def parse(text: str) -> int:
+        try:
+            return check_int("", int(text), low, high)
+        except (ValueError, UsageError):
+            raise argparse.ArgumentTypeError("must be an integer from %d to %d, not %r"
+                                             % (low, high, text[:40])) from None
+    return parse
+
+
 def resolve_home(args: argparse.Namespace) -> str:
     return os.path.abspath(os.path.expanduser(
         args.home or os.environ.get(ENV_HOME) or os.path.join("~", ".patchbay")))
@@ -5560,7 +5600,8 @@ def args_jobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["list", "show", "logs", "cancel"])
     p.add_argument("name", nargs="?", help="worker or job name (not for list)")
     p.add_argument("--workspace", help="only this workspace")
-    p.add_argument("--lines", type=int, default=40, help="log lines to show (logs)")
+    p.add_argument("--lines", type=int_flag(1, 100_000), default=40,
+                   help="log lines to show (logs)")
 
 
 def args_common(p: argparse.ArgumentParser) -> None:
@@ -5587,9 +5628,11 @@ def args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-profile", nargs="?", const=True, metavar="NAME",
                    help="remember these settings as a profile (default name: the workspace)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--port", type=int_flag(*PORT_RANGE),
+                   help="port (default 8765; 0 picks a free one)")
     p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
-    p.add_argument("--ttl-minutes", type=int, metavar="N", help="refuse calls after N minutes")
+    p.add_argument("--ttl-minutes", type=int_flag(*TTL_RANGE), metavar="N",
+                   help="refuse calls after N minutes")
     p.add_argument("--public-base-url", metavar="URL", help="public https URL (tunnel)")
     p.add_argument("--allow-host", action="append", metavar="HOST",
                    help="extra Host header value to accept (repeatable; host:* for any port)")
@@ -5600,14 +5643,15 @@ def args_channel(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", metavar="DIR", help="register: the workspace directory")
     p.add_argument("--name", help="register: the workspace's name (default: its directory)")
     p.add_argument("--public-base-url", metavar="URL", help="the public https URL")
-    p.add_argument("--ttl-minutes", type=int, metavar="M", help="access expires after M minutes")
+    p.add_argument("--ttl-minutes", type=int_flag(*TTL_RANGE), metavar="M",
+                   help="access expires after M minutes")
     p.add_argument("--force", action="store_true", help="register: replace an existing channel")
     p.add_argument("--rotate-token", action="store_true", help="renew: a new token as well")
 
 
 def args_access(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["status", "grant", "revoke"])
-    p.add_argument("--ttl-minutes", type=int, metavar="M",
+    p.add_argument("--ttl-minutes", type=int_flag(*TTL_RANGE), metavar="M",
                    help="grant: access for M minutes (none: no expiry)")
 
 
@@ -5623,7 +5667,8 @@ def args_none(p: argparse.ArgumentParser) -> None:
 
 
 def args_port(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="the local server's port")
+    p.add_argument("--port", type=int_flag(1, PORT_RANGE[1]), default=DEFAULT_PORT,
+                   help="the local server's port")
 
 
 def args_verify(p: argparse.ArgumentParser) -> None:
@@ -5678,7 +5723,7 @@ COMMANDS: List[Tuple[str, Callable[[argparse.Namespace], int], str,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=NAME, description="Let ChatGPT and MCP clients work on local git repositories.")
     parser.add_argument("--home", metavar="DIR",
                         help="state directory (default $%s or ~/.patchbay)" % ENV_HOME)
