@@ -776,11 +776,17 @@ class Access:
         self._key: Any = None
         self._view: Dict[str, Any] = {}
         redactor.add(static_token)
+        # A static token (--token-file, PATCHBAY_HTTP_TOKEN) wins only until the channel's
+        # token changes: rotate-token, channel revoke, renew --rotate-token or register
+        # retire it for good in this process, so no rotation is silently ignored.
+        self._start_token = channel.load().get("token") if static_token else None
 
     def view(self) -> Dict[str, Any]:
         data = self.channel.load()
         key = (self.channel.generation, tuple(self.tunnel_hosts), self.port, self.tunnel_url)
         if key != self._key:
+            if self.static_token and data.get("token") != self._start_token:
+                self.static_token = None
             token = self.static_token or data.get("token") or None
             self.redactor.add(token)
             expires = parse_iso(str(data.get("access_expires_at") or ""))

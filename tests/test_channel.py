@@ -305,6 +305,39 @@ def test_lifecycle_register_rotate_revoke_renew(repo: Path, home: Path,
     assert srv.proc.poll() is None  # the same server process throughout
 
 
+@pytest.mark.parametrize("source", ["env", "file"])
+def test_rotation_retires_a_static_token_for_good(tmp_path: Path, repo: Path, home: Path,
+                                                  serve: Callable[..., ServeProcess],
+                                                  source: str) -> None:
+    """A static token (PATCHBAY_HTTP_TOKEN or --token-file) never silently outlives a
+    rotation: once the channel's token changes, the running server takes the channel's
+    token and refuses the static one, also after revoke and renew."""
+    channel_token = register(home, repo)
+    static = patchbay.new_token()
+    if source == "env":
+        srv = serve(env={patchbay.ENV_TOKEN: static})
+    else:
+        (tmp_path / "token").write_text(static + "\n")
+        srv = serve("--token-file", str(tmp_path / "token"))
+    assert workspace_of(srv.url, static)[0] == 200
+    assert workspace_of(srv.url, channel_token)[0] == 401
+    ok(cli(home, "access", "grant", "--ttl-minutes", "60"))  # no rotation: static still rules
+    assert workspace_of(srv.url, static)[0] == 200
+
+    rotated = ok(cli(home, "rotate-token")).strip()
+    assert workspace_of(srv.url, static)[0] == 401
+    assert workspace_of(srv.url, rotated)[0] == 200
+
+    ok(cli(home, "channel", "revoke"))
+    assert workspace_of(srv.url, static)[0] == 401
+    assert workspace_of(srv.url, rotated)[0] == 401
+    renewed = printed_token(ok(cli(home, "channel", "renew")))
+    assert workspace_of(srv.url, renewed)[0] == 200
+    for old in (static, rotated, channel_token):  # renew brings no old token back
+        assert workspace_of(srv.url, old)[0] == 401
+    assert srv.proc.poll() is None
+
+
 def test_access_ttl_passes_while_server_runs(repo: Path, home: Path,
                                              serve: Callable[..., ServeProcess]) -> None:
     token = register(home, repo)
