@@ -313,10 +313,23 @@ class Redactor:
 
 
 def private_dir(path: str) -> str:
-    """Create a 0700 directory (and parents) and return it."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
-    if stat.S_IMODE(st.st_mode) & 0o077:
+    """Create a 0700 directory and return it. Missing parents are made 0700 as well
+    (os.makedirs would give them the umask's 0755): `stdio` may create PATCHBAY_HOME
+    itself on the way to its logs directory."""
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:  # made meanwhile by another thread or process
+            pass
+    path = missing[0] if missing else path
+    if not os.path.isdir(path):
+        raise PatchbayError("%s exists and is not a directory" % path, "UNAVAILABLE")
+    if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
         os.chmod(path, 0o700)
     return path
 
@@ -2330,6 +2343,7 @@ class CodexRunner:
                                 % run.name, "CONFLICT")
         self.git.run(cwd, ["worktree", "add", "-b", run.branch, "--", run.workdir, run.base],
                      timeout=120)
+        os.chmod(run.workdir, 0o700)  # git made it with the umask; PATCHBAY_HOME stays private
 
     def message(self, root: Root, name: str, text: str) -> Run:
         run = self.get(root, name)

@@ -141,6 +141,30 @@ def serve(home: Path) -> Iterator[Callable[..., ServeProcess]]:
 # ---------------------------------------------------------------------------------------
 
 
+def test_stdio_creates_a_private_home_with_private_parents(tmp_path: Path, repo: Path) -> None:
+    """`stdio` may be the first to create PATCHBAY_HOME (on the way to its logs): every
+    directory it makes is 0700 even under a 022 umask."""
+    home = tmp_path / "new" / "nested" / "home"
+    lines = [{"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"}}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+         "params": {"name": "read_file", "arguments": {"path": "README.md"}}}]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHBAY_")}
+    out = subprocess.run([sys.executable, str(SCRIPT), "--home", str(home), "stdio",
+                          "--root", str(repo)], input="".join(json.dumps(m) + "\n"
+                                                               for m in lines),
+                         capture_output=True, text=True, timeout=60, env=env, umask=0o022)
+    answers = [json.loads(line) for line in out.stdout.splitlines()]
+    assert answers[-1]["result"]["isError"] is False, out
+    made = [tmp_path / "new", tmp_path / "new" / "nested"]
+    made += [Path(d) for d, _, _ in os.walk(home)]
+    assert len(made) > 3, made  # the home and at least its logs directory
+    for directory in made:
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
+
+
 def test_register_writes_private_config_and_prints_token(repo: Path, home: Path) -> None:
     home.mkdir(mode=0o755)
     os.chmod(home, 0o755)  # an existing, too open home is tightened

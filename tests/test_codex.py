@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -112,6 +113,13 @@ def test_worker_edits_diffs_integrates_and_resumes(codex_env: FakeModel, start: 
     assert "Now say done" in input_texts(last["body"])
     meta = json.loads(last["headers"]["x-codex-turn-metadata"])
     no_secrets([started, done, diff, body, again], meta["thread_id"], str(home))
+    # Every directory PatchBay made under its home is private, the worktree's own root
+    # included; only the checkout inside it keeps the repository's modes.
+    for dirpath, _, _ in os.walk(home):
+        inner = Path(dirpath).relative_to(home).parts
+        if inner[:1] == ("worktrees",) and len(inner) > 3:
+            continue
+        assert stat.S_IMODE(os.stat(dirpath).st_mode) == 0o700, dirpath
 
 
 def test_committing_worker_integrates_and_dirty_base_is_refused(codex_env: FakeModel,
