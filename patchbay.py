@@ -2690,13 +2690,16 @@ class CodexRunner:
             entry = json.loads(line)
         except ValueError:
             return None
-        payload = entry.get("payload") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):  # valid JSON, but a list, a string, a number...
+            return None
+        payload = entry.get("payload")
         if entry.get("type") != "response_item" or not isinstance(payload, dict):
             return None
         if payload.get("type") != "message" or payload.get("role") not in ("user", "assistant"):
             return None
-        text = "".join(c.get("text", "") for c in payload.get("content") or []
-                       if isinstance(c, dict) and isinstance(c.get("text"), str))
+        content = payload.get("content")
+        text = "".join(c["text"] for c in content if isinstance(c, dict)
+                       and isinstance(c.get("text"), str)) if isinstance(content, list) else ""
         if not text or text.lstrip().startswith(("<environment_context>", "<permissions")):
             return None
         return {"role": payload["role"], "text": cap_text(self.redactor(text), 2000)[0]}

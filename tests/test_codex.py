@@ -301,6 +301,22 @@ def test_transcript_is_bounded_and_own_session_only(codex_env: FakeModel, start:
     one, _ = client.call("codex_transcript", {"name": "a", "max_messages": 1})
     assert len(one["messages"]) == 1
 
+    # Lines that are valid JSON but not objects (or objects of the wrong shapes) are
+    # skipped, not a crash.
+    rollout = sorted(Path(os.environ["CODEX_HOME"]).glob("sessions/*/*/*/rollout-*.jsonl"))
+    found = [p for p in rollout if any("alpha prompt" in ln for ln in p.read_text().split("\n"))]
+    assert len(found) == 1, rollout
+    with open(found[0], "a") as f:
+        for odd in ([1, 2], "text", 42, None, True, {"type": "response_item", "payload": [1]},
+                    {"type": "response_item", "payload": {"type": "message", "role": "user",
+                                                          "content": 7}},
+                    {"type": "response_item", "payload": {"type": "message", "role": "user",
+                                                          "content": ["x", {"text": 3}]}}):
+            f.write(json.dumps(odd) + "\n")
+    again, err = client.call("codex_transcript", {"name": "a", "max_messages": 5})
+    assert not err, again
+    assert again["messages"] == got["messages"]
+
 
 def test_fsmonitor_and_filters_never_run(codex_env: FakeModel, start: Any, repo: Path,
                                          tmp_path: Path) -> None:
