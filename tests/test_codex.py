@@ -9,7 +9,7 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import pytest
 from fake_model import (FakeModel, apply_patch, find_codex_bin, hang, input_texts, message,
@@ -202,9 +202,22 @@ def test_turn_timeout_fails_cleanly(codex_env: FakeModel, start: Any) -> None:
     assert done["state"] == "failed" and "timed out" in done["error"]
 
 
+class SignallingCondition(threading.Condition):
+    """The runner's real condition, which also says when someone starts waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        self.waiting.set()
+        return super().wait(timeout)
+
+
 def test_wait_wakes_early_and_parallel_limit_queues(codex_env: FakeModel, start: Any) -> None:
     codex_env.add(hang(), hang())
     srv = start(**codex_profile(max_parallel_turns=1, turn_timeout_s=60))
+    cond = srv.app.runner.cond = SignallingCondition()  # before any job holds it
     client = Mcp(srv.url)
     client.initialize()
     client.call("codex_plan_job", {"prompt": "first"})
@@ -222,8 +235,9 @@ def test_wait_wakes_early_and_parallel_limit_queues(codex_env: FakeModel, start:
         waited["seconds"] = time.monotonic() - t0
 
     thread = threading.Thread(target=waiter)
+    cond.waiting.clear()
     thread.start()
-    time.sleep(1)
+    assert cond.waiting.wait(20), "codex_status never started waiting"
     client.call("codex_stop", {"name": "plan-1"})
     thread.join(30)
     assert waited["seconds"] < 10  # woken by the change, not by the 20 s limit

@@ -489,10 +489,18 @@ def test_search_through_in_root_symlink_to_blocked_file_leaks_nothing(search_ser
     os.symlink(".env", repo / "innocent.txt")
     os.symlink("config", repo / "cfg")
     for door, call in search_server():
-        for args in ({"query": "supersecret"}, {"query": "supersecret", "path": "innocent.txt"},
-                     {"query": "PRIVATE KEY", "path": "cfg"}, {"query": "PRIVATE KEY"}):
-            result, _ = call("search", args)
+        # None: the search succeeds and finds nothing; a code: it is refused with that code.
+        for args, code in (({"query": "supersecret"}, None),
+                           ({"query": "supersecret", "path": "innocent.txt"}, "BLOCKED_FILE"),
+                           ({"query": "PRIVATE KEY", "path": "cfg"}, None),
+                           ({"query": "PRIVATE KEY"}, None)):
+            result, is_error = call("search", args)
             no_leak(result, "supersecret", "PRIVATE KEY-----")
+            if code:
+                assert is_error and result["error"] == code, (door, args, result)
+            else:
+                assert not is_error and result["results"] == [], (door, args, result)
+        assert ok(call, "search", {"query": "greet"})["results"], door  # search does work
 
 
 def test_doors_follow_symlinks_that_stay_inside(start_server, repo):
@@ -598,9 +606,13 @@ def test_doors_refuse_hard_link_to_outside_file(start_server, repo, outside):
 def test_search_never_shows_content_of_hard_linked_file(search_server, repo, outside):
     os.link(outside / "secret.txt", repo / "hard.txt")
     for door, call in search_server():
-        for args in ({"query": SECRET}, {"query": SECRET, "path": "hard.txt"}):
-            result, _ = call("search", args)
-            no_leak(result, SECRET)
+        result = ok(call, "search", {"query": SECRET})  # succeeds, and shows nothing of it
+        assert result["results"] == [], door
+        no_leak(result, SECRET)
+        result, is_error = call("search", {"query": SECRET, "path": "hard.txt"})
+        assert is_error and result["error"] == "DENIED_PATH", (door, result)
+        no_leak(result, SECRET)
+        assert ok(call, "search", {"query": "greet"})["results"], door  # search does work
 
 
 def test_doors_directory_is_not_a_file(doors):
