@@ -25,51 +25,21 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import patchbay
 import pytest
-from pbtest import (SCRIPT, Mcp, ServeProcess, action, make_repo, post_json, request,
-                    write_channel)
+from pbtest import (PATCHBAY_ENV, SCRIPT, Mcp, ServeProcess, action, cli, make_repo, one_error,
+                    post_json, request, write_channel)
 
 PY = sys.executable
 TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # 32 random bytes, URL-safe base64
-PATCHBAY_ENV = (patchbay.ENV_TOKEN, patchbay.ENV_ROOT, patchbay.ENV_HOME,
-                patchbay.ENV_PROFILE, "CLOUDFLARED_BIN", "NGROK_BIN")
 
 # ---------------------------------------------------------------------------------------
 # Helpers local to this file
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No PatchBay setting leaks in from the developer's shell (ServeProcess copies
-    os.environ when it starts a child)."""
-    for key in PATCHBAY_ENV:
-        monkeypatch.delenv(key, raising=False)
-
-
-def cli(home: Path, *args: str, env: Optional[Dict[str, str]] = None,
-        timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """`python patchbay.py --home HOME ARGS...` as a real process."""
-    full = {k: v for k, v in os.environ.items() if k not in PATCHBAY_ENV}
-    full.update(env or {})
-    return subprocess.run([PY, str(SCRIPT), "--home", str(home), *args], env=full,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-
-
 def ok(proc: subprocess.CompletedProcess[str]) -> str:
     assert proc.returncode == 0, (proc.args, proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc.stdout
-
-
-def one_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
-    """The failure is exactly one `patchbay: error:` line on stderr and no traceback."""
-    assert proc.returncode == code, (proc.args, proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("patchbay: error: "), proc.stderr
-    return lines[0]
 
 
 def config(home: Path) -> Dict[str, Any]:

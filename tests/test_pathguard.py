@@ -17,19 +17,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
-from pbtest import InProcessServer, action, both_doors
+from pbtest import RG, Call, InProcessServer, action, both_doors, err, ok
 
 import patchbay
 from patchbay import PatchbayError
 
-RG = (Path(__file__).resolve().parent.parent / ".cache" / "npm" / "node_modules" / "@openai"
-      / "codex-linux-x64" / "vendor" / "x86_64-unknown-linux-musl" / "codex-path" / "rg")
 SECRET = "OUTSIDE_SECRET_7f3a"           # content of the file outside the root
 BLOCKED_SECRET = "BLOCKED_VARIANT_91c2"  # content of the blocked-name variants
 HANG_S = 10.0                            # a call that takes this long is a hang
-
-Call = Callable[[str, Dict[str, Any]], Tuple[Any, bool]]
-
 
 # ---------------------------------------------------------------------------------------
 # helpers and fixtures
@@ -42,20 +37,6 @@ def code_of(fn: Callable[..., Any], *args: Any) -> str:
     except PatchbayError as exc:
         return exc.code
     pytest.fail("%s%r did not raise" % (getattr(fn, "__name__", fn), args))
-
-
-def err(call: Call, tool: str, args: Dict[str, Any]) -> str:
-    """Call a tool that must fail; return its error code."""
-    result, is_error = call(tool, args)
-    assert is_error, (tool, args, result)
-    assert isinstance(result, dict) and "error" in result, result
-    return result["error"]
-
-
-def ok(call: Call, tool: str, args: Dict[str, Any]) -> Dict[str, Any]:
-    result, is_error = call(tool, args)
-    assert not is_error, (tool, args, result)
-    return result
 
 
 def listed(call: Call, **args: Any) -> List[str]:
@@ -122,11 +103,6 @@ def root(repo: Path) -> Iterator[patchbay.Root]:
     r = patchbay.Root("repo", str(repo))
     yield r
     r.close()
-
-
-@pytest.fixture
-def doors(server: InProcessServer) -> List[Tuple[str, Call]]:
-    return list(both_doors(server.url))
 
 
 @pytest.fixture(params=["rg", "git", "python"])

@@ -19,25 +19,10 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import patchbay
 import pytest
-from pbtest import InProcessServer, Mcp, action, both_doors, git, make_app, make_repo, request
+from pbtest import (RG, Call, InProcessServer, Mcp, action, both_doors, err, git, make_app,
+                    make_repo, need_rg, ok, request)
 
-RG = (Path(__file__).resolve().parent.parent / ".cache" / "npm" / "node_modules" / "@openai"
-      / "codex-linux-x64" / "vendor" / "x86_64-unknown-linux-musl" / "codex-path" / "rg")
 BACKENDS = ("rg", "git", "python")
-
-Call = Callable[[str, Dict[str, Any]], Tuple[Any, bool]]
-
-
-def ok(call: Call, tool: str, args: Dict[str, Any]) -> Dict[str, Any]:
-    result, is_error = call(tool, args)
-    assert not is_error, (tool, args, result)
-    return result
-
-
-def err(call: Call, tool: str, args: Dict[str, Any]) -> str:
-    result, is_error = call(tool, args)
-    assert is_error, (tool, args, result)
-    return result["error"]
 
 
 def paths_of(result: Dict[str, Any]) -> List[str]:
@@ -46,16 +31,6 @@ def paths_of(result: Dict[str, Any]) -> List[str]:
 
 def hits_of(result: Dict[str, Any]) -> List[Tuple[str, int, str]]:
     return sorted((h["path"], h["line"], h["snippet"]) for h in result["results"])
-
-
-def need_rg() -> None:
-    if not os.access(RG, os.X_OK):
-        pytest.skip("rg from the Codex npm package is not installed (run sh tests/run)")
-
-
-@pytest.fixture
-def doors(server: InProcessServer) -> List[Tuple[str, Call]]:
-    return list(both_doors(server.url))
 
 
 # ---------------------------------------------------------------------------------------
