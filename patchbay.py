@@ -1016,10 +1016,9 @@ class PathGuard:
 
     # -- lexical -----------------------------------------------------------------------
     def split(self, root: Root, path: Any, allow_root: bool = False) -> List[str]:
+        if isinstance(path, str):
+            path = unquote_path(path)  # a quoted path (docs/paths.md) is only a spelling
         if not isinstance(path, str) or "\x00" in path:
-            raise PatchbayError("path must be a string without NUL bytes", "INVALID_ARG")
-        path = unquote_path(path)
-        if "\x00" in path:
             raise PatchbayError("path must be a string without NUL bytes", "INVALID_ARG")
         try:  # a non-UTF-8 byte of a name is a U+DC80..U+DCFF surrogate, as os keeps it
             encoded = path.encode("utf-8", "surrogateescape")
@@ -3313,33 +3312,37 @@ class Workbench:
             raise PatchbayError("query is not a valid regular expression: %s" % exc) from None
         matcher = RegexChild(query, flags, timeout)
         try:
-            stack = [base]
-            while stack:
-                parts = stack.pop()
-                try:
-                    fd, parts = self.guard.walk(root, parts, whole=True)
-                except PatchbayError as exc:
-                    if exc.code == "NOT_FOUND" and parts:  # the target is a file
-                        yield from self._python_scan_file(root, parts, matcher)
-                    continue
-                try:
-                    entries = sorted(os.scandir(fd), key=lambda e: e.name, reverse=True)
-                finally:
-                    self.guard.release(root, fd)
-                for entry in entries:
-                    if call.cancel.is_set():
-                        return
-                    if matcher.fired.is_set():
-                        raise search_timeout(timeout)
-                    child = parts + [entry.name]
-                    if entry.name == ".git" or not self.guard.visible(root, child):
-                        continue
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(child)
-                    elif entry.is_file(follow_symlinks=False):
-                        yield from self._python_scan_file(root, child, matcher)
+            yield from self._python_walk(call, root, base, matcher)
         finally:
             matcher.close()
+
+    def _python_walk(self, call: CallContext, root: Root, base: List[str],
+                     matcher: RegexChild) -> Iterator[Hit]:
+        stack = [base]
+        while stack:
+            parts = stack.pop()
+            try:
+                fd, parts = self.guard.walk(root, parts, whole=True)
+            except PatchbayError as exc:
+                if exc.code == "NOT_FOUND" and parts:  # the target is a file, not a directory
+                    yield from self._python_scan_file(root, parts, matcher)
+                continue
+            try:
+                entries = sorted(os.scandir(fd), key=lambda e: e.name, reverse=True)
+            finally:
+                self.guard.release(root, fd)
+            for entry in entries:
+                if matcher.fired.is_set():
+                    raise search_timeout(matcher.timeout)
+                if call.cancel.is_set():
+                    return
+                child = parts + [entry.name]
+                if entry.name == ".git" or not self.guard.visible(root, child):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(child)
+                elif entry.is_file(follow_symlinks=False):
+                    yield from self._python_scan_file(root, child, matcher)
 
     def _python_scan_file(self, root: Root, parts: List[str],
                           matcher: RegexChild) -> Iterator[Hit]:
