@@ -64,7 +64,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -110,6 +110,17 @@ DEFAULT_LIMITS: Dict[str, int] = {
     "turn_timeout_s": 45 * 60,
     "audit_bytes": 5 * 1024 * 1024,
 }
+# The largest value a profile may give each limit (the smallest is 1): far above any real
+# need, low enough that a typo cannot ask for terabytes or a timeout of centuries.
+LIMIT_MAX: Dict[str, int] = {
+    "body_bytes": 1 << 30, "read_bytes": 1 << 30, "result_chars": 1 << 30,
+    "text_chars": 1 << 30, "output_bytes": 1 << 30, "audit_bytes": 1 << 40,
+    "max_connections": 1 << 20, "max_sessions": 1 << 20, "max_parallel_turns": 256,
+    "search_timeout_s": 86400, "request_timeout_s": 86400, "actions_timeout_s": 86400,
+    "session_idle_s": 365 * 86400, "turn_timeout_s": 365 * 86400,
+}
+PORT_RANGE = (0, 65535)  # 0: any free port
+TTL_RANGE = (1, 366 * 24 * 60)  # minutes: up to a year
 
 class Log:
     """Lines to stderr. `verbose` (set once by -v) adds info lines: the access log."""
@@ -149,12 +160,23 @@ ERROR_STATUS = {
 }
 
 
+def printable(text: str) -> str:
+    """`text` with any lone surrogate (a file name's non-UTF-8 byte, as os and git keep it)
+    written as a \\x escape, so a message always encodes as UTF-8 JSON."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 class PatchbayError(Exception):
     """An expected failure: it knows its machine code, HTTP status and exit code."""
 
     exit_code = 1
 
     def __init__(self, message: str, code: str = "INVALID_ARG", **data: Any) -> None:
+        message = printable(message)
         super().__init__(message)
         self.message = message
         self.code = code
@@ -291,10 +313,23 @@ class Redactor:
 
 
 def private_dir(path: str) -> str:
-    """Create a 0700 directory (and parents) and return it."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
-    if stat.S_IMODE(st.st_mode) & 0o077:
+    """Create a 0700 directory and return it. Missing parents are made 0700 as well
+    (os.makedirs would give them the umask's 0755): `stdio` may create PATCHBAY_HOME
+    itself on the way to its logs directory."""
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:  # made meanwhile by another thread or process
+            pass
+    path = missing[0] if missing else path
+    if not os.path.isdir(path):
+        raise PatchbayError("%s exists and is not a directory" % path, "UNAVAILABLE")
+    if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
         os.chmod(path, 0o700)
     return path
 
@@ -530,6 +565,14 @@ def load_profile_file(path: str) -> Dict[str, Any]:
     return data
 
 
+def check_int(what: str, value: Any, low: int, high: int) -> int:
+    """`value` if it is an integer from `low` to `high`; else a UsageError naming both."""
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+        return value
+    raise UsageError("%s must be an integer from %d to %d, not %s"
+                     % (what, low, high, repr(value)[:40]))
+
+
 def check_profile(data: Dict[str, Any], where: str) -> Dict[str, Any]:
     unknown = sorted(set(data) - set(PROFILE_KEYS))
     if unknown:
@@ -548,8 +591,11 @@ def check_profile(data: Dict[str, Any], where: str) -> Dict[str, Any]:
         raise UsageError("%s: unknown limit(s) %s; accepted: %s"
                          % (where, ", ".join(bad_limits), ", ".join(DEFAULT_LIMITS)))
     for key, value in data.get("limits", {}).items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UsageError("%s: limits.%s must be a positive integer" % (where, key))
+        check_int("%s: limits.%s" % (where, key), value, 1, LIMIT_MAX.get(key, 1 << 30))
+    if data.get("port") is not None:
+        check_int("%s: port" % where, data["port"], *PORT_RANGE)
+    if data.get("ttl_minutes") is not None:
+        check_int("%s: ttl_minutes" % where, data["ttl_minutes"], *TTL_RANGE)
     bad_codex = sorted(set(data.get("codex", {})) - set(CODEX_DEFAULTS))
     if bad_codex:
         raise UsageError("%s: unknown codex key(s) %s; accepted: %s"
@@ -743,11 +789,17 @@ class Access:
         self._key: Any = None
         self._view: Dict[str, Any] = {}
         redactor.add(static_token)
+        # A static token (--token-file, PATCHBAY_HTTP_TOKEN) wins only until the channel's
+        # token changes: rotate-token, channel revoke, renew --rotate-token or register
+        # retire it for good in this process, so no rotation is silently ignored.
+        self._start_token = channel.load().get("token") if static_token else None
 
     def view(self) -> Dict[str, Any]:
         data = self.channel.load()
         key = (self.channel.generation, tuple(self.tunnel_hosts), self.port, self.tunnel_url)
         if key != self._key:
+            if self.static_token and data.get("token") != self._start_token:
+                self.static_token = None
             token = self.static_token or data.get("token") or None
             self.redactor.add(token)
             expires = parse_iso(str(data.get("access_expires_at") or ""))
@@ -858,6 +910,55 @@ def rel(parts: List[str]) -> str:
     return "/".join(parts) or "."
 
 
+# How a path that JSON cannot carry plainly is shown (docs/paths.md): in double quotes with
+# C escapes, as git's core.quotePath does, when it holds a byte that is not UTF-8 (kept
+# by os and git as a U+DC80..U+DCFF surrogate), a control character, or begins with a
+# quote. Any path that begins and ends with a quote is read back that way, so the form is
+# reversible and never ambiguous; every other path means itself.
+_NEEDS_QUOTES = re.compile('^"|[\x00-\x1f\x7f-\x9f\udc80-\udcff]')
+_C_ESCAPES = {"\a": "a", "\b": "b", "\t": "t", "\n": "n", "\v": "v", "\f": "f",
+              "\r": "r", '"': '"', "\\": "\\"}
+_C_UNESCAPES = {v: k.encode() for k, v in _C_ESCAPES.items()}
+
+
+def quote_path(path: str) -> str:
+    if not _NEEDS_QUOTES.search(path):
+        return path
+    out = []
+    for ch in path:
+        if ch in _C_ESCAPES:
+            out.append("\\" + _C_ESCAPES[ch])
+        elif _NEEDS_QUOTES.match(ch) and ch != '"':
+            out.extend("\\%03o" % b for b in ch.encode("utf-8", "surrogateescape"))
+        else:
+            out.append(ch)
+    return '"%s"' % "".join(out)
+
+
+def unquote_path(path: str) -> str:
+    """The path `quote_path` showed as `path` (a plain path is returned as it is)."""
+    if len(path) < 2 or path[0] != '"' or path[-1] != '"':
+        return path
+    body, out, i = path[1:-1], bytearray(), 0
+    while i < len(body):
+        ch = body[i]
+        if ch != "\\":
+            if ch == '"':
+                raise PatchbayError('a quoted path writes a quote inside it as \\"')
+            out += ch.encode("utf-8", "surrogatepass")
+            i += 1
+        elif body[i + 1:i + 2] in _C_UNESCAPES:
+            out += _C_UNESCAPES[body[i + 1]]
+            i += 2
+        elif re.fullmatch("[0-3][0-7][0-7]", body[i + 1:i + 4]):
+            out.append(int(body[i + 1:i + 4], 8))
+            i += 4
+        else:
+            raise PatchbayError("a quoted path has a bad escape at %r (docs/paths.md)"
+                                % body[i:i + 4])
+    return out.decode("utf-8", "surrogateescape")
+
+
 class Root:
     """A workspace root pinned as a directory fd at start: renaming or replacing the
     directory afterwards cannot redirect PatchBay somewhere else."""
@@ -915,13 +1016,15 @@ class PathGuard:
 
     # -- lexical -----------------------------------------------------------------------
     def split(self, root: Root, path: Any, allow_root: bool = False) -> List[str]:
+        if isinstance(path, str):
+            path = unquote_path(path)  # a quoted path (docs/paths.md) is only a spelling
         if not isinstance(path, str) or "\x00" in path:
             raise PatchbayError("path must be a string without NUL bytes", "INVALID_ARG")
-        try:
-            encoded = path.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates
+        try:  # a non-UTF-8 byte of a name is a U+DC80..U+DCFF surrogate, as os keeps it
+            encoded = path.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # other lone surrogates
             raise PatchbayError("path is not valid Unicode", "INVALID_ARG") from None
-        if len(encoded) > 4096 or any(len(c.encode()) > 255 for c in path.split("/")):
+        if len(encoded) > 4096 or any(len(c) > 255 for c in encoded.split(b"/")):
             raise PatchbayError("path is too long", "INVALID_ARG")
         if ".." in path.split("/"):
             raise PatchbayError("path may not contain '..': give it relative to the "
@@ -1178,7 +1281,7 @@ class PathGuard:
                 except OSError:
                     pass
                 raise
-            return {"path": rel(parts), "created": st is None, "bytes": len(data),
+            return {"path": quote_path(rel(parts)), "created": st is None, "bytes": len(data),
                     "sha256": hashlib.sha256(data).hexdigest()}
         finally:
             self.release(root, pfd)
@@ -1394,8 +1497,9 @@ class Git:
 
     def status(self, cwd: str) -> Dict[str, Any]:
         """`git status --porcelain=v2 --branch -z`, parsed into branch, head and files."""
+        # Paths keep a non-UTF-8 byte as a surrogate, so they name the file exactly.
         out = self.run(cwd, ["status", "--porcelain=v2", "--branch", "-z",
-                             "--untracked-files=all"]).decode("utf-8", "replace")
+                             "--untracked-files=all"]).decode("utf-8", "surrogateescape")
         fields = out.split("\0")
         info: Dict[str, Any] = {"branch": None, "head": None, "files": []}
         i = 0
@@ -1407,7 +1511,7 @@ class Git:
                 info["head"] = None if oid == "(initial)" else oid[:12]
             elif f.startswith("# branch.head "):
                 head = f[14:]
-                info["branch"] = None if head == "(detached)" else head
+                info["branch"] = None if head == "(detached)" else printable(head)
             elif f[:2] in ("1 ", "2 ", "u "):
                 cols = f.split(" ", {"1": 8, "2": 9, "u": 10}[f[0]])
                 xy, path = cols[1], cols[-1]
@@ -1427,7 +1531,8 @@ class Git:
         if not paths:
             return set()
         out = self.run(cwd, ["check-ignore", "-z", "--stdin"],
-                       input="\0".join(paths).encode() + b"\0", ok_codes=(0, 1))
+                       input="\0".join(paths).encode("utf-8", "surrogateescape") + b"\0",
+                       ok_codes=(0, 1))
         return {p.decode("utf-8", "surrogateescape") for p in out.split(b"\0") if p}
 
 
@@ -2237,6 +2342,7 @@ class CodexRunner:
                                 % run.name, "CONFLICT")
         self.git.run(cwd, ["worktree", "add", "-b", run.branch, "--", run.workdir, run.base],
                      timeout=120)
+        os.chmod(run.workdir, 0o700)  # git made it with the umask; PATCHBAY_HOME stays private
 
     def message(self, root: Root, name: str, text: str) -> Run:
         run = self.get(root, name)
@@ -2583,13 +2689,16 @@ class CodexRunner:
             entry = json.loads(line)
         except ValueError:
             return None
-        payload = entry.get("payload") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):  # valid JSON, but a list, a string, a number...
+            return None
+        payload = entry.get("payload")
         if entry.get("type") != "response_item" or not isinstance(payload, dict):
             return None
         if payload.get("type") != "message" or payload.get("role") not in ("user", "assistant"):
             return None
-        text = "".join(c.get("text", "") for c in payload.get("content") or []
-                       if isinstance(c, dict) and isinstance(c.get("text"), str))
+        content = payload.get("content")
+        text = "".join(c["text"] for c in content if isinstance(c, dict)
+                       and isinstance(c.get("text"), str)) if isinstance(content, list) else ""
         if not text or text.lstrip().startswith(("<environment_context>", "<permissions")):
             return None
         return {"role": payload["role"], "text": cap_text(self.redactor(text), 2000)[0]}
@@ -2812,6 +2921,26 @@ class CallContext:
         self.root: Root  # set by the dispatcher before the handler runs
 
 
+def search_timeout(timeout: float) -> PatchbayError:
+    return PatchbayError("the search did not finish within %g s (limits.search_timeout_s); "
+                         "narrow it with path or glob, or a simpler query" % timeout, "TIMEOUT")
+
+
+def kill_at_deadline(proc: subprocess.Popen[Any],
+                     timeout: float) -> Tuple[threading.Timer, threading.Event]:
+    """Kill the child's group after `timeout` s; the event tells that it came to that."""
+    fired = threading.Event()
+
+    def fire() -> None:
+        fired.set()
+        kill_group(proc)
+
+    timer = threading.Timer(timeout, fire)
+    timer.daemon = True
+    timer.start()
+    return timer, fired
+
+
 def stream_records(argv: List[str], cwd: str, env: Dict[str, str], timeout: float,
                    cancel: threading.Event, error_codes: Tuple[int, ...] = ()) -> Iterator[bytes]:
     """Yield stdout lines of a child; stop it (whole group) when the consumer stops,
@@ -2821,9 +2950,7 @@ def stream_records(argv: List[str], cwd: str, env: Dict[str, str], timeout: floa
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
-    timer = threading.Timer(timeout, kill_group, (proc,))
-    timer.daemon = True
-    timer.start()
+    timer, fired = kill_at_deadline(proc, timeout)
     produced = False
     try:
         assert proc.stdout is not None and proc.stderr is not None
@@ -2834,6 +2961,8 @@ def stream_records(argv: List[str], cwd: str, env: Dict[str, str], timeout: floa
             yield line[:65536]
         else:
             proc.wait()
+            if fired.is_set():
+                raise search_timeout(timeout)
             if proc.returncode in error_codes and not produced:
                 lines = proc.stderr.read(4096).decode("utf-8", "replace").strip().splitlines()
                 why = " ".join(ln.strip() for ln in lines if ln.strip())[:300]
@@ -2850,7 +2979,74 @@ def stream_records(argv: List[str], cwd: str, env: Dict[str, str], timeout: floa
                 stream.close()
 
 
+# The Python scan never runs a client's regular expression in this process: `re`
+# backtracks (`(a+)+$` on a long line takes exponential time) and holds the interpreter
+# meanwhile, freezing every other client. A child matches instead and is killed at the
+# deadline. It reads records "<byte length>\n<UTF-8 text>": first the pattern, then texts,
+# and answers each text with one line, the numbers of its lines that match.
+MATCH_CHILD = r"""
+import re, sys
+src = sys.stdin.buffer
+def record():
+    head = src.readline()
+    return src.read(int(head)).decode("utf-8", "surrogatepass") if head else None
+pattern = re.compile(record(), int(sys.argv[1]))
+while True:
+    text = record()
+    if text is None:
+        break
+    found = [str(n) for n, line in enumerate(text.split("\n"), 1) if pattern.search(line)]
+    sys.stdout.write(" ".join(found) + "\n")
+    sys.stdout.flush()
+"""
+
+
+class RegexChild:
+    """One search's matcher process: `lines(text)` runs in the child, which is killed at
+    the deadline (then `lines` raises TIMEOUT)."""
+
+    def __init__(self, pattern: str, flags: int, timeout: float) -> None:
+        self.timeout = timeout
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", MATCH_CHILD, str(int(flags))], env=child_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        self.timer, self.fired = kill_at_deadline(self.proc, timeout)
+        self._send(pattern)
+
+    def _send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        data = text.encode("utf-8", "surrogatepass")
+        try:
+            self.proc.stdin.write(b"%d\n" % len(data) + data)
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # the child is gone; the answer's absence says why
+
+    def lines(self, text: str) -> List[int]:
+        assert self.proc.stdout is not None
+        self._send(text)
+        answer = self.proc.stdout.readline()
+        if not answer.endswith(b"\n"):
+            if self.fired.is_set():
+                raise search_timeout(self.timeout)
+            raise PatchbayError("the search's matcher process ended early", "INTERNAL")
+        return [int(n) for n in answer.split()]
+
+    def close(self) -> None:
+        self.timer.cancel()
+        kill_group(self.proc)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream:
+                stream.close()
+
+
 Hit = Tuple[str, int, str]  # path, line number, line text
+
+
+def shown_status(entry: Dict[str, Any]) -> Dict[str, Any]:
+    """A `Git.status` file entry with its paths as tools show them (`quote_path`)."""
+    return {k: quote_path(v) if k in ("path", "from") else v for k, v in entry.items()}
 
 
 class Workbench:
@@ -2872,7 +3068,8 @@ class Workbench:
         return data.decode("utf-8", "replace")
 
     def _url(self, root: Root, path: str, line: Optional[int] = None) -> str:
-        url = "patchbay://%s/%s" % (urllib.parse.quote(root.name), urllib.parse.quote(path))
+        url = "patchbay://%s/%s" % (urllib.parse.quote(root.name),
+                                    urllib.parse.quote(path, errors="surrogateescape"))
         return url + ("#L%d" % line if line else "")
 
     # -- context tools -------------------------------------------------------------------
@@ -2957,14 +3154,14 @@ class Workbench:
                     os.close(dfd)
             self.guard.release(root, fd)
         entries.sort(key=lambda e: e["path"])
-        return {"path": rel(base), "entries": entries, "truncated": truncated}
+        return {"path": quote_path(rel(base)), "entries": entries, "truncated": truncated}
 
     @staticmethod
     def _entry(entry: os.DirEntry[str], parts: List[str]) -> Dict[str, Any]:
         st = entry.stat(follow_symlinks=False)
         kind = ("dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode)
                 else "symlink" if stat.S_ISLNK(st.st_mode) else "other")
-        info: Dict[str, Any] = {"path": rel(parts), "type": kind}
+        info: Dict[str, Any] = {"path": quote_path(rel(parts)), "type": kind}
         if kind == "file":
             info["size"] = st.st_size
         return info
@@ -2988,7 +3185,8 @@ class Workbench:
         if len(whole) > budget // 6 and json_len(whole) > budget:  # cut at a line that fits
             whole, truncated = cap_text(whole, budget)
             end = start - 1 + max(1, count_lines(whole))
-        return {"path": rel(parts), "text": whole, "start_line": start, "end_line": end,
+        return {"path": quote_path(rel(parts)), "text": whole, "start_line": start,
+                "end_line": end,
                 "total_lines": total, "next_start_line": end + 1 if end < total else None,
                 "sha256": hashlib.sha256(data).hexdigest(), "truncated": truncated}
 
@@ -3005,9 +3203,9 @@ class Workbench:
                 if (not self.guard.visible(root, parts) or not self._glob_ok(args["glob"], path)
                         or self._hard_linked(root, path, linked)):
                     continue
-                ref = "%s:%d" % (path, line)
+                ref = "%s:%d" % (quote_path(path), line)
                 hit = {"id": ref, "title": ref, "url": self._url(root, path, line),
-                       "path": path, "line": line, "snippet": text.strip()[:300]}
+                       "path": quote_path(path), "line": line, "snippet": text.strip()[:300]}
                 budget -= len(dumps(hit)) + 1
                 if len(results) >= limit or budget < 0:
                     truncated = True
@@ -3060,7 +3258,7 @@ class Workbench:
                          args: Dict[str, Any]) -> Iterator[Tuple[str, Iterator[Hit]]]:
         """rg, then git grep, then Python. The query always follows -e, paths follow --."""
         cwd = root.current_path()
-        target = rel(base)
+        target = "/".join(base) or "."
         timeout = self.limits["search_timeout_s"]
         # All three search hidden files too (dot-files such as .github/), never .git, and
         # never follow a symlink while walking (the target itself was resolved above).
@@ -3085,27 +3283,41 @@ class Workbench:
             yield "git", self._parse_hits(stream_records(
                 argv, cwd, self.git.env, timeout, call.cancel, (128,)), rg=False)
             return
-        yield "python", self._python_search(call, root, base, args, time.monotonic() + timeout)
+        yield "python", self._python_search(call, root, base, args, timeout)
 
     @staticmethod
     def _parse_hits(lines: Iterator[bytes], rg: bool) -> Iterator[Hit]:
+        carry = b""
         for raw in lines:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            path, _, rest = line.partition("\0")
-            num, _, text = rest.partition(":" if rg else "\0")
+            raw, carry = carry + raw, b""
+            if b"\0" not in raw:  # a path with a newline in it: the record goes on
+                carry = raw[:4096]
+                continue
+            # The path as the filesystem spells it (a non-UTF-8 byte kept as a surrogate).
+            name, _, tail = raw.rstrip(b"\n").partition(b"\0")
+            path = name.decode("utf-8", "surrogateescape")
+            num, _, text = tail.decode("utf-8", "replace").partition(":" if rg else "\0")
             if path.startswith("./"):
                 path = path[2:]
             if num.isdigit():
                 yield path, int(num), text
 
     def _python_search(self, call: CallContext, root: Root, base: List[str],
-                       args: Dict[str, Any], deadline: float) -> Iterator[Hit]:
+                       args: Dict[str, Any], timeout: float) -> Iterator[Hit]:
+        query = args["query"] if args["regex"] else re.escape(args["query"])
         flags = 0 if args["case_sensitive"] else re.IGNORECASE
         try:
-            pattern = re.compile(args["query"] if args["regex"] else re.escape(args["query"]),
-                                 flags)
+            re.compile(query, flags)  # compiling is linear; only matching can run away
         except re.error as exc:
             raise PatchbayError("query is not a valid regular expression: %s" % exc) from None
+        matcher = RegexChild(query, flags, timeout)
+        try:
+            yield from self._python_walk(call, root, base, matcher)
+        finally:
+            matcher.close()
+
+    def _python_walk(self, call: CallContext, root: Root, base: List[str],
+                     matcher: RegexChild) -> Iterator[Hit]:
         stack = [base]
         while stack:
             parts = stack.pop()
@@ -3113,14 +3325,16 @@ class Workbench:
                 fd, parts = self.guard.walk(root, parts, whole=True)
             except PatchbayError as exc:
                 if exc.code == "NOT_FOUND" and parts:  # the target is a file, not a directory
-                    yield from self._python_scan_file(root, parts, pattern)
+                    yield from self._python_scan_file(root, parts, matcher)
                 continue
             try:
                 entries = sorted(os.scandir(fd), key=lambda e: e.name, reverse=True)
             finally:
                 self.guard.release(root, fd)
             for entry in entries:
-                if time.monotonic() > deadline or call.cancel.is_set():
+                if matcher.fired.is_set():
+                    raise search_timeout(matcher.timeout)
+                if call.cancel.is_set():
                     return
                 child = parts + [entry.name]
                 if entry.name == ".git" or not self.guard.visible(root, child):
@@ -3128,23 +3342,23 @@ class Workbench:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(child)
                 elif entry.is_file(follow_symlinks=False):
-                    yield from self._python_scan_file(root, child, pattern)
+                    yield from self._python_scan_file(root, child, matcher)
 
     def _python_scan_file(self, root: Root, parts: List[str],
-                          pattern: re.Pattern[str]) -> Iterator[Hit]:
+                          matcher: RegexChild) -> Iterator[Hit]:
         try:
             data, parts = self.guard.read(root, rel(parts), 8 * 1024 * 1024)
         except PatchbayError:
             return
-        if looks_binary(data):
+        if looks_binary(data) or not data:
             return
-        # Lines end at "\n", as for rg, git grep and read_file, so line numbers agree.
-        lines = data.decode("utf-8", "replace").split("\n")
-        if lines[-1] == "":
-            lines.pop()  # the newline ending the last line starts no line of its own
-        for n, text in enumerate(lines, 1):
-            if pattern.search(text):
-                yield rel(parts), n, text
+        # Lines end at "\n", as for rg, git grep and read_file, so line numbers agree; the
+        # newline ending the last line starts no line of its own.
+        text = data.decode("utf-8", "replace")
+        text = text[:-1] if text.endswith("\n") else text
+        lines = text.split("\n")
+        for n in matcher.lines(text):
+            yield "/".join(parts), n, lines[n - 1]
 
     def tool_fetch(self, call: CallContext, args: Dict[str, Any]) -> Dict[str, Any]:
         ref = args["id"]
@@ -3155,9 +3369,10 @@ class Workbench:
         data, parts = self.guard.read(call.root, path, self.limits["read_bytes"])
         full = self._text(data, parts)
         text, cut = cap_text(full, self.limits["text_chars"])
-        return {"id": ref, "title": rel(parts), "text": text,
+        return {"id": ref, "title": quote_path(rel(parts)), "text": text,
                 "url": self._url(call.root, rel(parts), line),
-                "metadata": {"path": rel(parts), "line": line, "workspace": call.root.name,
+                "metadata": {"path": quote_path(rel(parts)), "line": line,
+                             "workspace": call.root.name,
                              "sha256": hashlib.sha256(data).hexdigest(),
                              "total_lines": count_lines(full),
                              "truncated": cut}}
@@ -3184,7 +3399,8 @@ class Workbench:
                              min(args["max_bytes"], self.limits["text_chars"]))
         hidden = len(st["files"]) - len(files) if not prefix else None
         out = {"branch": st["branch"], "head": st["head"], "staged": args["staged"],
-               "files": files[:1000], "diff": text, "truncated": cut or len(files) > 1000}
+               "files": [shown_status(f) for f in files[:1000]], "diff": text,
+               "truncated": cut or len(files) > 1000}
         if hidden:
             out["hidden_blocked"] = hidden
         return out
@@ -4744,6 +4960,24 @@ def chatgpt_settings(url: str, token: Optional[str], reveal: bool) -> str:
 # §14 CLI: one COMMANDS table, cmd_<name>(args) -> exit code
 # =======================================================================================
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
+def int_flag(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high` (so no NaN, inf or 1e9)."""
+    def parse(text: str) -> int:
+        try:
+            return check_int("", int(text), low, high)
+        except (ValueError, UsageError):
+            raise argparse.ArgumentTypeError("must be an integer from %d to %d, not %r"
+                                             % (low, high, text[:40])) from None
+    return parse
+
+
 def resolve_home(args: argparse.Namespace) -> str:
     return os.path.abspath(os.path.expanduser(
         args.home or os.environ.get(ENV_HOME) or os.path.join("~", ".patchbay")))
@@ -5392,7 +5626,8 @@ def args_jobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["list", "show", "logs", "cancel"])
     p.add_argument("name", nargs="?", help="worker or job name (not for list)")
     p.add_argument("--workspace", help="only this workspace")
-    p.add_argument("--lines", type=int, default=40, help="log lines to show (logs)")
+    p.add_argument("--lines", type=int_flag(1, 100_000), default=40,
+                   help="log lines to show (logs)")
 
 
 def args_common(p: argparse.ArgumentParser) -> None:
@@ -5419,9 +5654,11 @@ def args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-profile", nargs="?", const=True, metavar="NAME",
                    help="remember these settings as a profile (default name: the workspace)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--port", type=int_flag(*PORT_RANGE),
+                   help="port (default 8765; 0 picks a free one)")
     p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
-    p.add_argument("--ttl-minutes", type=int, metavar="N", help="refuse calls after N minutes")
+    p.add_argument("--ttl-minutes", type=int_flag(*TTL_RANGE), metavar="N",
+                   help="refuse calls after N minutes")
     p.add_argument("--public-base-url", metavar="URL", help="public https URL (tunnel)")
     p.add_argument("--allow-host", action="append", metavar="HOST",
                    help="extra Host header value to accept (repeatable; host:* for any port)")
@@ -5432,14 +5669,15 @@ def args_channel(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", metavar="DIR", help="register: the workspace directory")
     p.add_argument("--name", help="register: the workspace's name (default: its directory)")
     p.add_argument("--public-base-url", metavar="URL", help="the public https URL")
-    p.add_argument("--ttl-minutes", type=int, metavar="M", help="access expires after M minutes")
+    p.add_argument("--ttl-minutes", type=int_flag(*TTL_RANGE), metavar="M",
+                   help="access expires after M minutes")
     p.add_argument("--force", action="store_true", help="register: replace an existing channel")
     p.add_argument("--rotate-token", action="store_true", help="renew: a new token as well")
 
 
 def args_access(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["status", "grant", "revoke"])
-    p.add_argument("--ttl-minutes", type=int, metavar="M",
+    p.add_argument("--ttl-minutes", type=int_flag(*TTL_RANGE), metavar="M",
                    help="grant: access for M minutes (none: no expiry)")
 
 
@@ -5455,7 +5693,8 @@ def args_none(p: argparse.ArgumentParser) -> None:
 
 
 def args_port(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="the local server's port")
+    p.add_argument("--port", type=int_flag(1, PORT_RANGE[1]), default=DEFAULT_PORT,
+                   help="the local server's port")
 
 
 def args_verify(p: argparse.ArgumentParser) -> None:
@@ -5510,7 +5749,7 @@ COMMANDS: List[Tuple[str, Callable[[argparse.Namespace], int], str,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=NAME, description="Let ChatGPT and MCP clients work on local git repositories.")
     parser.add_argument("--home", metavar="DIR",
                         help="state directory (default $%s or ~/.patchbay)" % ENV_HOME)

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator, List, Tuple
 
 import pytest
-from pbtest import InProcessServer, ServeProcess, make_app, make_repo
+from pbtest import (PATCHBAY_ENV, Call, InProcessServer, ServeProcess, both_doors, make_app,
+                    make_repo)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No PatchBay setting leaks in from the developer's shell (children copy os.environ)."""
+    for key in PATCHBAY_ENV:
+        monkeypatch.delenv(key, raising=False)
 
 
 @pytest.fixture
@@ -38,6 +46,12 @@ def start_server(repo: Path, home: Path) -> Iterator[Callable[..., InProcessServ
 @pytest.fixture
 def server(start_server: Callable[..., InProcessServer]) -> InProcessServer:
     return start_server()
+
+
+@pytest.fixture
+def doors(server: InProcessServer) -> List[Tuple[str, Call]]:
+    """The two front doors of `server`: [("mcp", call), ("actions", call)]."""
+    return list(both_doors(server.url))
 
 
 @pytest.fixture

@@ -16,14 +16,65 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import patchbay
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "patchbay.py"
 JSON_HEADERS = {"Content-Type": "application/json",
                 "Accept": "application/json, text/event-stream"}
+# The ripgrep that ships inside the Codex npm package tests/run installs.
+RG = (ROOT / ".cache" / "npm" / "node_modules" / "@openai" / "codex-linux-x64" / "vendor"
+      / "x86_64-unknown-linux-musl" / "codex-path" / "rg")
+# Settings a developer's shell may hold that would change what a child PatchBay does.
+PATCHBAY_ENV = (patchbay.ENV_TOKEN, patchbay.ENV_ROOT, patchbay.ENV_HOME,
+                patchbay.ENV_PROFILE, "CLOUDFLARED_BIN", "NGROK_BIN")
+
+# call(tool, args) -> (result, is_error): one front door, as both_doors yields it.
+Call = Callable[[str, Dict[str, Any]], Tuple[Any, bool]]
+
+
+def ok(call: Call, tool: str, args: Dict[str, Any]) -> Dict[str, Any]:
+    """Call a tool that must succeed; return its result."""
+    result, is_error = call(tool, args)
+    assert not is_error, (tool, args, result)
+    return result
+
+
+def err(call: Call, tool: str, args: Dict[str, Any]) -> str:
+    """Call a tool that must fail; return its error code."""
+    result, is_error = call(tool, args)
+    assert is_error, (tool, args, result)
+    assert isinstance(result, dict) and "error" in result, result
+    return str(result["error"])
+
+
+def need_rg() -> None:
+    if not os.access(RG, os.X_OK):
+        pytest.skip("rg from the Codex npm package is not installed (run sh tests/run)")
+
+
+def cli(home: Path, *args: str, env: Optional[Dict[str, str]] = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python patchbay.py --home HOME ARGS...` as a real process, without the caller's
+    PATCHBAY_* settings; `env` adds to (or overrides) the rest of the environment."""
+    full = {k: v for k, v in os.environ.items() if k not in PATCHBAY_ENV}
+    full.update(env or {})
+    return subprocess.run([sys.executable, str(SCRIPT), "--home", str(home), *args],
+                          env=full, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def one_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    """The failure is exactly one `patchbay: error:` line on stderr and no traceback."""
+    assert proc.returncode == code, (proc.args, proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("patchbay: error: "), proc.stderr
+    assert "listening" not in proc.stdout
+    return lines[0]
 
 
 def git(cwd: Path, *args: str) -> str:

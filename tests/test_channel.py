@@ -25,51 +25,21 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import patchbay
 import pytest
-from pbtest import (SCRIPT, Mcp, ServeProcess, action, make_repo, post_json, request,
-                    write_channel)
+from pbtest import (PATCHBAY_ENV, SCRIPT, Mcp, ServeProcess, action, cli, make_repo, one_error,
+                    post_json, request, write_channel)
 
 PY = sys.executable
 TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # 32 random bytes, URL-safe base64
-PATCHBAY_ENV = (patchbay.ENV_TOKEN, patchbay.ENV_ROOT, patchbay.ENV_HOME,
-                patchbay.ENV_PROFILE, "CLOUDFLARED_BIN", "NGROK_BIN")
 
 # ---------------------------------------------------------------------------------------
 # Helpers local to this file
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No PatchBay setting leaks in from the developer's shell (ServeProcess copies
-    os.environ when it starts a child)."""
-    for key in PATCHBAY_ENV:
-        monkeypatch.delenv(key, raising=False)
-
-
-def cli(home: Path, *args: str, env: Optional[Dict[str, str]] = None,
-        timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """`python patchbay.py --home HOME ARGS...` as a real process."""
-    full = {k: v for k, v in os.environ.items() if k not in PATCHBAY_ENV}
-    full.update(env or {})
-    return subprocess.run([PY, str(SCRIPT), "--home", str(home), *args], env=full,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-
-
 def ok(proc: subprocess.CompletedProcess[str]) -> str:
     assert proc.returncode == 0, (proc.args, proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc.stdout
-
-
-def one_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
-    """The failure is exactly one `patchbay: error:` line on stderr and no traceback."""
-    assert proc.returncode == code, (proc.args, proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("patchbay: error: "), proc.stderr
-    return lines[0]
 
 
 def config(home: Path) -> Dict[str, Any]:
@@ -139,6 +109,30 @@ def serve(home: Path) -> Iterator[Callable[..., ServeProcess]]:
 # ---------------------------------------------------------------------------------------
 # register, status, token: what is written and what is printed
 # ---------------------------------------------------------------------------------------
+
+
+def test_stdio_creates_a_private_home_with_private_parents(tmp_path: Path, repo: Path) -> None:
+    """`stdio` may be the first to create PATCHBAY_HOME (on the way to its logs): every
+    directory it makes is 0700 even under a 022 umask."""
+    home = tmp_path / "new" / "nested" / "home"
+    lines = [{"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"}}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+         "params": {"name": "read_file", "arguments": {"path": "README.md"}}}]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHBAY_")}
+    out = subprocess.run([sys.executable, str(SCRIPT), "--home", str(home), "stdio",
+                          "--root", str(repo)], input="".join(json.dumps(m) + "\n"
+                                                               for m in lines),
+                         capture_output=True, text=True, timeout=60, env=env, umask=0o022)
+    answers = [json.loads(line) for line in out.stdout.splitlines()]
+    assert answers[-1]["result"]["isError"] is False, out
+    made = [tmp_path / "new", tmp_path / "new" / "nested"]
+    made += [Path(d) for d, _, _ in os.walk(home)]
+    assert len(made) > 3, made  # the home and at least its logs directory
+    for directory in made:
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
 
 
 def test_register_writes_private_config_and_prints_token(repo: Path, home: Path) -> None:
@@ -303,6 +297,39 @@ def test_lifecycle_register_rotate_revoke_renew(repo: Path, home: Path,
     assert workspace_of(srv.url, renewed)[0] == 401
     assert workspace_of(srv.url, newest)[0] == 200
     assert srv.proc.poll() is None  # the same server process throughout
+
+
+@pytest.mark.parametrize("source", ["env", "file"])
+def test_rotation_retires_a_static_token_for_good(tmp_path: Path, repo: Path, home: Path,
+                                                  serve: Callable[..., ServeProcess],
+                                                  source: str) -> None:
+    """A static token (PATCHBAY_HTTP_TOKEN or --token-file) never silently outlives a
+    rotation: once the channel's token changes, the running server takes the channel's
+    token and refuses the static one, also after revoke and renew."""
+    channel_token = register(home, repo)
+    static = patchbay.new_token()
+    if source == "env":
+        srv = serve(env={patchbay.ENV_TOKEN: static})
+    else:
+        (tmp_path / "token").write_text(static + "\n")
+        srv = serve("--token-file", str(tmp_path / "token"))
+    assert workspace_of(srv.url, static)[0] == 200
+    assert workspace_of(srv.url, channel_token)[0] == 401
+    ok(cli(home, "access", "grant", "--ttl-minutes", "60"))  # no rotation: static still rules
+    assert workspace_of(srv.url, static)[0] == 200
+
+    rotated = ok(cli(home, "rotate-token")).strip()
+    assert workspace_of(srv.url, static)[0] == 401
+    assert workspace_of(srv.url, rotated)[0] == 200
+
+    ok(cli(home, "channel", "revoke"))
+    assert workspace_of(srv.url, static)[0] == 401
+    assert workspace_of(srv.url, rotated)[0] == 401
+    renewed = printed_token(ok(cli(home, "channel", "renew")))
+    assert workspace_of(srv.url, renewed)[0] == 200
+    for old in (static, rotated, channel_token):  # renew brings no old token back
+        assert workspace_of(srv.url, old)[0] == 401
+    assert srv.proc.poll() is None
 
 
 def test_access_ttl_passes_while_server_runs(repo: Path, home: Path,

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import pytest
 from fake_model import (FakeModel, apply_patch, find_codex_bin, hang, input_texts, message,
@@ -111,6 +112,13 @@ def test_worker_edits_diffs_integrates_and_resumes(codex_env: FakeModel, start: 
     assert "Now say done" in input_texts(last["body"])
     meta = json.loads(last["headers"]["x-codex-turn-metadata"])
     no_secrets([started, done, diff, body, again], meta["thread_id"], str(home))
+    # Every directory PatchBay made under its home is private, the worktree's own root
+    # included; only the checkout inside it keeps the repository's modes.
+    for dirpath, _, _ in os.walk(home):
+        inner = Path(dirpath).relative_to(home).parts
+        if inner[:1] == ("worktrees",) and len(inner) > 3:
+            continue
+        assert stat.S_IMODE(os.stat(dirpath).st_mode) == 0o700, dirpath
 
 
 def test_committing_worker_integrates_and_dirty_base_is_refused(codex_env: FakeModel,
@@ -193,9 +201,22 @@ def test_turn_timeout_fails_cleanly(codex_env: FakeModel, start: Any) -> None:
     assert done["state"] == "failed" and "timed out" in done["error"]
 
 
+class SignallingCondition(threading.Condition):
+    """The runner's real condition, which also says when someone starts waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        self.waiting.set()
+        return super().wait(timeout)
+
+
 def test_wait_wakes_early_and_parallel_limit_queues(codex_env: FakeModel, start: Any) -> None:
     codex_env.add(hang(), hang())
     srv = start(**codex_profile(max_parallel_turns=1, turn_timeout_s=60))
+    cond = srv.app.runner.cond = SignallingCondition()  # before any job holds it
     client = Mcp(srv.url)
     client.initialize()
     client.call("codex_plan_job", {"prompt": "first"})
@@ -213,8 +234,9 @@ def test_wait_wakes_early_and_parallel_limit_queues(codex_env: FakeModel, start:
         waited["seconds"] = time.monotonic() - t0
 
     thread = threading.Thread(target=waiter)
+    cond.waiting.clear()
     thread.start()
-    time.sleep(1)
+    assert cond.waiting.wait(20), "codex_status never started waiting"
     client.call("codex_stop", {"name": "plan-1"})
     thread.join(30)
     assert waited["seconds"] < 10  # woken by the change, not by the 20 s limit
@@ -291,6 +313,22 @@ def test_transcript_is_bounded_and_own_session_only(codex_env: FakeModel, start:
     assert not any("beta" in t for t in texts)
     one, _ = client.call("codex_transcript", {"name": "a", "max_messages": 1})
     assert len(one["messages"]) == 1
+
+    # Lines that are valid JSON but not objects (or objects of the wrong shapes) are
+    # skipped, not a crash.
+    rollout = sorted(Path(os.environ["CODEX_HOME"]).glob("sessions/*/*/*/rollout-*.jsonl"))
+    found = [p for p in rollout if any("alpha prompt" in ln for ln in p.read_text().split("\n"))]
+    assert len(found) == 1, rollout
+    with open(found[0], "a") as f:
+        for odd in ([1, 2], "text", 42, None, True, {"type": "response_item", "payload": [1]},
+                    {"type": "response_item", "payload": {"type": "message", "role": "user",
+                                                          "content": 7}},
+                    {"type": "response_item", "payload": {"type": "message", "role": "user",
+                                                          "content": ["x", {"text": 3}]}}):
+            f.write(json.dumps(odd) + "\n")
+    again, err = client.call("codex_transcript", {"name": "a", "max_messages": 5})
+    assert not err, again
+    assert again["messages"] == got["messages"]
 
 
 def test_fsmonitor_and_filters_never_run(codex_env: FakeModel, start: Any, repo: Path,

@@ -64,7 +64,19 @@ def test_yaml_without_pyyaml_says_how_to_fix(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("content", "words"), [
     ({"prot": 1}, ["unknown profile key", "prot", "accepted keys"]),
     ({"limits": {"body_byte": 1}}, ["unknown limit", "body_byte"]),
-    ({"limits": {"body_bytes": -1}}, ["positive integer"]),
+    ({"limits": {"body_bytes": -1}}, ["limits.body_bytes", "from 1 to 1073741824", "-1"]),
+    ({"limits": {"search_timeout_s": 0}}, ["limits.search_timeout_s", "from 1 to 86400"]),
+    ({"limits": {"max_sessions": 10 ** 30}}, ["limits.max_sessions", "from 1 to"]),
+    ({"limits": {"turn_timeout_s": float("inf")}}, ["limits.turn_timeout_s", "inf"]),
+    ({"limits": {"max_parallel_turns": float("nan")}}, ["limits.max_parallel_turns", "nan"]),
+    ({"limits": {"output_bytes": 1.5}}, ["limits.output_bytes", "1.5"]),
+    ({"limits": {"audit_bytes": True}}, ["limits.audit_bytes", "True"]),
+    ({"limits": {"body_bytes": "4096"}}, ["limits.body_bytes", "'4096'"]),
+    ({"port": -1}, ["port must be an integer from 0 to 65535", "-1"]),
+    ({"port": 70000}, ["port", "from 0 to 65535"]),
+    ({"port": "8765"}, ["port", "'8765'"]),
+    ({"ttl_minutes": 0}, ["ttl_minutes", "from 1 to 527040"]),
+    ({"ttl_minutes": -5}, ["ttl_minutes", "-5"]),
     ({"codex": {"sandbox": "none"}}, ["codex.sandbox", "workspace-write"]),
     ({"tools": "read_file"}, ["list of strings"]),
     ({"extends": "nope"}, ["unknown profile", "nope"]),
@@ -80,6 +92,35 @@ def test_bad_profiles_are_one_line_errors(tmp_path: Path, content: dict, words: 
     assert out.stderr.startswith("patchbay: error:") and len(out.stderr.splitlines()) == 1
     for word in words:
         assert word in out.stderr
+
+
+@pytest.mark.parametrize(("argv", "flag", "allowed"), [
+    (["serve", "--port", "-1"], "--port", "from 0 to 65535"),
+    (["serve", "--port", "65536"], "--port", "from 0 to 65535"),
+    (["serve", "--port", "nan"], "--port", "from 0 to 65535"),
+    (["serve", "--port", "1e3"], "--port", "from 0 to 65535"),
+    (["serve", "--ttl-minutes", "0"], "--ttl-minutes", "from 1 to 527040"),
+    (["serve", "--ttl-minutes", "-10"], "--ttl-minutes", "from 1 to 527040"),
+    (["serve", "--ttl-minutes", "inf"], "--ttl-minutes", "from 1 to 527040"),
+    (["serve", "--ttl-minutes", "9" * 40], "--ttl-minutes", "from 1 to 527040"),
+    (["channel", "register", "--workspace", ".", "--ttl-minutes", "1e9"], "--ttl-minutes",
+     "from 1 to 527040"),
+    (["channel", "renew", "--ttl-minutes", "99999999999"], "--ttl-minutes", "from 1 to"),
+    (["access", "grant", "--ttl-minutes", "-1"], "--ttl-minutes", "from 1 to 527040"),
+    (["status", "--port", "0"], "--port", "from 1 to 65535"),
+    (["verify", "--port", "NaN"], "--port", "from 1 to 65535"),
+    (["tunnel", "--port", "-80"], "--port", "from 1 to 65535"),
+    (["doctor", "--port", "99999"], "--port", "from 1 to 65535"),
+    (["jobs", "logs", "w", "--lines", "-5"], "--lines", "from 1 to 100000"),
+])
+def test_bad_numbers_on_the_command_line_are_one_line_errors(
+        tmp_path: Path, argv: list, flag: str, allowed: str) -> None:
+    out = subprocess.run([sys.executable, str(SCRIPT), "--home", str(tmp_path / "home")]
+                         + argv, capture_output=True, text=True, timeout=30, input="")
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert flag in out.stderr and allowed in out.stderr
+    assert not (tmp_path / "home" / "config.json").exists()  # nothing was done
 
 
 def test_unknown_tool_in_profile_is_refused(tmp_path: Path) -> None:
@@ -104,7 +145,12 @@ def test_pep723_dependencies_match_pyproject() -> None:
     assert block, "patchbay.py lost its PEP 723 block"
     meta = tomllib.loads("\n".join(line[2:] for line in block.group(1).splitlines()))
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert meta["dependencies"] == project["dependencies"]
+    # A script has no extras: its block installs the core dependencies plus the optional
+    # ones (PyYAML, for .yaml profiles); an install from the clone takes them as extras.
+    extras = sorted(d for deps in project.get("optional-dependencies", {}).values()
+                    for d in deps)
+    assert sorted(meta["dependencies"]) == sorted(project["dependencies"] + extras)
+    assert "PyYAML>=6" not in project["dependencies"], "PyYAML is optional, an extra"
     assert meta["requires-python"] == project["requires-python"]
     assert project["scripts"]["patchbay"] == "patchbay:main"
 

@@ -17,19 +17,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
-from pbtest import InProcessServer, action, both_doors
+from pbtest import RG, Call, InProcessServer, action, both_doors, err, ok
 
 import patchbay
 from patchbay import PatchbayError
 
-RG = (Path(__file__).resolve().parent.parent / ".cache" / "npm" / "node_modules" / "@openai"
-      / "codex-linux-x64" / "vendor" / "x86_64-unknown-linux-musl" / "codex-path" / "rg")
 SECRET = "OUTSIDE_SECRET_7f3a"           # content of the file outside the root
 BLOCKED_SECRET = "BLOCKED_VARIANT_91c2"  # content of the blocked-name variants
 HANG_S = 10.0                            # a call that takes this long is a hang
-
-Call = Callable[[str, Dict[str, Any]], Tuple[Any, bool]]
-
 
 # ---------------------------------------------------------------------------------------
 # helpers and fixtures
@@ -42,20 +37,6 @@ def code_of(fn: Callable[..., Any], *args: Any) -> str:
     except PatchbayError as exc:
         return exc.code
     pytest.fail("%s%r did not raise" % (getattr(fn, "__name__", fn), args))
-
-
-def err(call: Call, tool: str, args: Dict[str, Any]) -> str:
-    """Call a tool that must fail; return its error code."""
-    result, is_error = call(tool, args)
-    assert is_error, (tool, args, result)
-    assert isinstance(result, dict) and "error" in result, result
-    return result["error"]
-
-
-def ok(call: Call, tool: str, args: Dict[str, Any]) -> Dict[str, Any]:
-    result, is_error = call(tool, args)
-    assert not is_error, (tool, args, result)
-    return result
 
 
 def listed(call: Call, **args: Any) -> List[str]:
@@ -122,11 +103,6 @@ def root(repo: Path) -> Iterator[patchbay.Root]:
     r = patchbay.Root("repo", str(repo))
     yield r
     r.close()
-
-
-@pytest.fixture
-def doors(server: InProcessServer) -> List[Tuple[str, Call]]:
-    return list(both_doors(server.url))
 
 
 @pytest.fixture(params=["rg", "git", "python"])
@@ -489,10 +465,18 @@ def test_search_through_in_root_symlink_to_blocked_file_leaks_nothing(search_ser
     os.symlink(".env", repo / "innocent.txt")
     os.symlink("config", repo / "cfg")
     for door, call in search_server():
-        for args in ({"query": "supersecret"}, {"query": "supersecret", "path": "innocent.txt"},
-                     {"query": "PRIVATE KEY", "path": "cfg"}, {"query": "PRIVATE KEY"}):
-            result, _ = call("search", args)
+        # None: the search succeeds and finds nothing; a code: it is refused with that code.
+        for args, code in (({"query": "supersecret"}, None),
+                           ({"query": "supersecret", "path": "innocent.txt"}, "BLOCKED_FILE"),
+                           ({"query": "PRIVATE KEY", "path": "cfg"}, None),
+                           ({"query": "PRIVATE KEY"}, None)):
+            result, is_error = call("search", args)
             no_leak(result, "supersecret", "PRIVATE KEY-----")
+            if code:
+                assert is_error and result["error"] == code, (door, args, result)
+            else:
+                assert not is_error and result["results"] == [], (door, args, result)
+        assert ok(call, "search", {"query": "greet"})["results"], door  # search does work
 
 
 def test_doors_follow_symlinks_that_stay_inside(start_server, repo):
@@ -598,9 +582,13 @@ def test_doors_refuse_hard_link_to_outside_file(start_server, repo, outside):
 def test_search_never_shows_content_of_hard_linked_file(search_server, repo, outside):
     os.link(outside / "secret.txt", repo / "hard.txt")
     for door, call in search_server():
-        for args in ({"query": SECRET}, {"query": SECRET, "path": "hard.txt"}):
-            result, _ = call("search", args)
-            no_leak(result, SECRET)
+        result = ok(call, "search", {"query": SECRET})  # succeeds, and shows nothing of it
+        assert result["results"] == [], door
+        no_leak(result, SECRET)
+        result, is_error = call("search", {"query": SECRET, "path": "hard.txt"})
+        assert is_error and result["error"] == "DENIED_PATH", (door, result)
+        no_leak(result, SECRET)
+        assert ok(call, "search", {"query": "greet"})["results"], door  # search does work
 
 
 def test_doors_directory_is_not_a_file(doors):

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
-from pbtest import action, both_doors, git
+from pbtest import action, both_doors, git, ok
 
 import patchbay
 
-Call = Callable[[str, Dict[str, Any]], Tuple[Any, bool]]
 WORKSPACE = "/srv/work/repo"
 HOME = os.path.expanduser("~").rstrip("/")
 POLICY = patchbay.CommandPolicy((WORKSPACE,))
@@ -385,12 +384,6 @@ def test_security_md_calls_the_policy_a_guardrail_and_names_its_limits():
 # ---------------------------------------------------------------------------------------
 # through run_command, on both doors
 # ---------------------------------------------------------------------------------------
-
-def ok(call: Call, tool: str, args: Dict[str, Any]) -> Dict[str, Any]:
-    result, is_error = call(tool, args)
-    assert not is_error, (tool, args, result)
-    return result
-
 
 # Blocked, and harmless even if the policy let them run: each stays inside the tmp repo,
 # and each would leave a trace (a file, a reverted edit, a deleted build dir) if it ran.

@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
-from pbtest import ROOT, InProcessServer, Mcp, action, both_doors, git, make_app, request
+from pbtest import ROOT, Call, InProcessServer, Mcp, action, both_doors, git, make_app, ok, request
 
 import patchbay
 
-Call = Callable[[str, Dict[str, Any]], Tuple[Any, bool]]
 POWER_TOOLS = ("write_file", "edit_file", "apply_patch", "run_command")
 HANG_S = 20.0  # any single call slower than this is treated as a hang
 
@@ -35,12 +34,6 @@ HANG_S = 20.0  # any single call slower than this is treated as a hang
 # ---------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------
-
-def ok(call: Call, tool: str, args: Dict[str, Any]) -> Dict[str, Any]:
-    result, is_error = call(tool, args)
-    assert not is_error, (tool, args, result)
-    return result
-
 
 def fail(call: Call, tool: str, args: Dict[str, Any]) -> Dict[str, Any]:
     """Call a tool that must fail; return its error object."""

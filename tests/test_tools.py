@@ -12,29 +12,17 @@ import json
 import os
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
+import patchbay
 import pytest
-from pbtest import InProcessServer, Mcp, action, both_doors, git, make_app, make_repo
+from pbtest import (RG, Call, InProcessServer, Mcp, action, both_doors, err, git, make_app,
+                    make_repo, need_rg, ok, request)
 
-RG = (Path(__file__).resolve().parent.parent / ".cache" / "npm" / "node_modules" / "@openai"
-      / "codex-linux-x64" / "vendor" / "x86_64-unknown-linux-musl" / "codex-path" / "rg")
 BACKENDS = ("rg", "git", "python")
-
-Call = Callable[[str, Dict[str, Any]], Tuple[Any, bool]]
-
-
-def ok(call: Call, tool: str, args: Dict[str, Any]) -> Dict[str, Any]:
-    result, is_error = call(tool, args)
-    assert not is_error, (tool, args, result)
-    return result
-
-
-def err(call: Call, tool: str, args: Dict[str, Any]) -> str:
-    result, is_error = call(tool, args)
-    assert is_error, (tool, args, result)
-    return result["error"]
 
 
 def paths_of(result: Dict[str, Any]) -> List[str]:
@@ -43,16 +31,6 @@ def paths_of(result: Dict[str, Any]) -> List[str]:
 
 def hits_of(result: Dict[str, Any]) -> List[Tuple[str, int, str]]:
     return sorted((h["path"], h["line"], h["snippet"]) for h in result["results"])
-
-
-def need_rg() -> None:
-    if not os.access(RG, os.X_OK):
-        pytest.skip("rg from the Codex npm package is not installed (run sh tests/run)")
-
-
-@pytest.fixture
-def doors(server: InProcessServer) -> List[Tuple[str, Call]]:
-    return list(both_doors(server.url))
 
 
 # ---------------------------------------------------------------------------------------
@@ -336,6 +314,59 @@ def test_search_invalid_regex_is_an_error(backend_doors):
             backend, door)
 
 
+def test_backtracking_regex_ends_at_the_deadline_and_the_server_keeps_answering(
+        serve_process, repo, tmp_path):
+    """`(a+)+$` on a long line of a's ending in "!" backtracks for ever in Python's `re`.
+    The Python scan (no rg, no git repository) must run it where it can be killed: the
+    server answers /health meanwhile and the search ends with TIMEOUT at its deadline."""
+    shutil.rmtree(repo / ".git")
+    (repo / "trap.txt").write_text("a" * 5000 + "!\n")
+    profile = tmp_path / "slow.json"
+    profile.write_text(json.dumps({"extends": "worker", "limits": {"search_timeout_s": 2}}))
+    bindir = tmp_path / "bin"  # a PATH without rg
+    bindir.mkdir()
+    os.symlink(shutil.which("git") or "/usr/bin/git", bindir / "git")
+    srv = serve_process("--profile", str(profile), env={"PATH": str(bindir)})
+    answers: Dict[str, Any] = {}
+
+    def search() -> None:
+        answers["search"] = action(srv.url, "search", {"query": "(a+)+$", "regex": True})
+
+    worker = threading.Thread(target=search)
+    started = time.monotonic()
+    worker.start()
+    healthy = 0
+    while worker.is_alive() and time.monotonic() - started < 30:
+        status, _, _ = request(srv.url + "/health", timeout=5)  # raises if the server froze
+        assert status == 200
+        healthy += 1
+        time.sleep(0.1)
+    worker.join(30)
+    assert not worker.is_alive(), "the search outlived its deadline"
+    status, body = answers["search"]
+    assert status == 504 and body["error"] == "TIMEOUT", body
+    assert "search_timeout_s" in body["message"]
+    assert healthy >= 5  # /health answered all through the two seconds
+    # The matcher child is gone, and the next search works.
+    assert "(a+)+" not in subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                                         text=True).stdout
+    status, body = action(srv.url, "search", {"query": "Demo", "case_sensitive": True})
+    assert status == 200 and body["backend"] == "python", body
+    assert [h["path"] for h in body["results"]] == ["README.md"]
+
+
+@pytest.mark.parametrize("argv", [["sleep", "30"], ["sh", "-c", "echo one; exec sleep 30"]])
+def test_search_child_is_killed_at_the_deadline(tmp_path, argv):
+    """rg and git grep run through the same streaming runner: at the deadline the child's
+    whole group dies and the search says TIMEOUT instead of returning a partial answer."""
+    started = time.monotonic()
+    with pytest.raises(patchbay.PatchbayError) as caught:
+        list(patchbay.stream_records(argv, str(tmp_path), {"PATH": os.environ["PATH"]}, 0.5,
+                                     threading.Event(), (2,)))
+    assert caught.value.code == "TIMEOUT"
+    assert time.monotonic() - started < 10
+
+
 CROSS_QUERIES: List[Dict[str, Any]] = [
     {"query": "hello"},
     {"query": "Hello", "case_sensitive": True},
@@ -559,6 +590,87 @@ def test_switch_workspace_over_actions_is_stored_in_channel(two_roots, home):
     assert json.loads(config.read_text())["active_workspace"] == "beta"
     ok(via_actions, "switch_workspace", {"name": "alpha"})
     assert which(via_actions) == "alpha"
+
+
+# ---------------------------------------------------------------------------------------
+# odd file names: listed in the quoted form of docs/paths.md, read back from it
+# ---------------------------------------------------------------------------------------
+
+# name on disk (bytes) -> how tools show it
+ODD_NAMES = {
+    b"bad\xffname.txt": '"bad\\377name.txt"',
+    b"new\nline.txt": '"new\\nline.txt"',
+    b"tab\there.txt": '"tab\\there.txt"',
+    b'say "hi".txt': 'say "hi".txt',
+    b'"lead.txt': '"\\"lead.txt"',
+    b"-rf.txt": "-rf.txt",
+    b"--help": "--help",
+    b"back\\slash.txt": "back\\slash.txt",
+    "caf\u00e9.txt".encode(): "caf\u00e9.txt",
+    b"d\xfe/in\x01ner.txt": '"d\\376/in\\001ner.txt"',
+}
+
+
+def write_odd_names(repo: Path) -> None:
+    for name in ODD_NAMES:
+        path = os.path.join(os.fsencode(repo), name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"needle in " + name + b"\n")
+
+
+def test_odd_file_names_are_listed_and_read_back(start_server, repo):
+    write_odd_names(repo)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "odd names")
+    for name in ODD_NAMES:  # every file changed, one of them left untracked
+        with open(os.path.join(os.fsencode(repo), name), "ab") as f:
+            f.write(b"changed\n")
+    (repo / os.fsdecode(b"untracked\xff\n.txt")).write_text("new\n")
+    srv = start_server()
+    shown = set(ODD_NAMES.values())
+    for door, call in both_doors(srv.url):
+        listed = set(paths_of(ok(call, "list_files", {"depth": 3})))
+        assert shown <= listed, (door, shown - listed)
+        assert '"untracked\\377\\n.txt"' in listed, door
+        assert ok(call, "list_files", {"path": '"d\\376"'})["entries"] == [
+            {"path": '"d\\376/in\\001ner.txt"', "type": "file", "size": len(
+                b"needle in d\xfe/in\x01ner.txt\nchanged\n")}], door
+        for name, form in ODD_NAMES.items():
+            r = ok(call, "read_file", {"path": form})
+            assert r["path"] == form, door
+            assert r["text"].encode() == b"needle in " + name.replace(
+                b"\xff", "\ufffd".encode()).replace(b"\xfe", "\ufffd".encode()) + b"\nchanged\n"
+        changes = ok(call, "changes", {})
+        files = {f["path"]: f for f in changes["files"]}
+        assert shown | {'"untracked\\377\\n.txt"'} <= set(files), (door, files)
+        assert files['"bad\\377name.txt"']["worktree"] == "M"
+        assert "changed" in changes["diff"]
+        assert ok(call, "changes", {"path": '"d\\376"'})["files"][0]["path"] == (
+            '"d\\376/in\\001ner.txt"')
+        ws = ok(call, "workspace", {})
+        assert ws["git"]["unstaged"] == len(ODD_NAMES) and ws["git"]["untracked"] == 1, door
+        # A quoted form that is not well-formed is a clear error, not a guess.
+        for bad in ('"a\\q"', '"a"b"', '"\\400"', '"nul\\000"'):
+            assert err(call, "read_file", {"path": bad}) == "INVALID_ARG", (door, bad)
+        # The quoted form is still only a spelling: `..` and blocked names stay refused.
+        assert err(call, "read_file", {"path": '"..\\057README.md"'}) == "DENIED_PATH"
+        assert err(call, "read_file", {"path": '"\\056env"'}) == "BLOCKED_FILE"
+        assert err(call, "read_file", {"path": '"\\056git/config"'}) == "DENIED_PATH"
+
+
+def test_odd_file_names_in_search_results_are_fetched_back(backend_doors, repo):
+    backend, doors_ = backend_doors
+    write_odd_names(repo)
+    for door, call in doors_:
+        r = ok(call, "search", {"query": "needle in", "max_results": 50})
+        assert r["backend"] == backend
+        hits = {h["path"]: h for h in r["results"]}
+        assert set(hits) == set(ODD_NAMES.values()), (backend, door, hits)
+        for form, hit in hits.items():
+            assert hit["id"] == form + ":1"
+            f = ok(call, "fetch", {"id": hit["id"]})
+            assert f["metadata"]["path"] == form and f["text"].startswith("needle in")
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,14 +25,12 @@ from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import patchbay
 import pytest
-from pbtest import SCRIPT, ServeProcess, post_json, request
+from pbtest import PATCHBAY_ENV, SCRIPT, ServeProcess, cli, one_error, post_json, request
 
 PY = sys.executable
 FAKES = Path(__file__).resolve().parent / "fakes"
 READY = r"^patchbay tunnel ready: (https://\S+)$"
 WAIT_S = 10.0
-PATCHBAY_ENV = (patchbay.ENV_TOKEN, patchbay.ENV_ROOT, patchbay.ENV_HOME,
-                patchbay.ENV_PROFILE, "CLOUDFLARED_BIN", "NGROK_BIN")
 JSON_H = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 
 # ---------------------------------------------------------------------------------------
@@ -40,32 +38,10 @@ JSON_H = {"Content-Type": "application/json", "Accept": "application/json, text/
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in PATCHBAY_ENV:
-        monkeypatch.delenv(key, raising=False)
-
-
 def base_env(**extra: str) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in PATCHBAY_ENV}
     env.update(extra)
     return env
-
-
-def cli(home: Path, *args: str, env: Optional[Dict[str, str]] = None,
-        timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PY, str(SCRIPT), "--home", str(home), *args],
-                          env=env or base_env(), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def one_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
-    assert proc.returncode == code, (proc.args, proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("patchbay: error: "), proc.stderr
-    assert "listening" not in proc.stdout
-    return lines[0]
 
 
 def register(home: Path, repo: Path) -> str:
